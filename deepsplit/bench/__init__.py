@@ -1,0 +1,1 @@
+"""Benchmarks behind `deepsplit bench`."""

@@ -1,0 +1,1 @@
+"""Offline, deterministic Qwen3-VL-MoE checkpoints in Hugging Face layout."""
