@@ -8,6 +8,7 @@ import importlib
 BENCHES = {
     "transfer": "deepsplit.bench.transfer",
     "serve": "deepsplit.bench.serve",
+    "model": "deepsplit.bench.model",
 }
 
 

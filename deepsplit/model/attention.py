@@ -67,18 +67,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attention
         if i in decode or qlen == 0:
             continue
         s = starts[i]
-        qi = q[s : s + qlen].transpose(0, 1)  # [nh, q, d]
+        qi = q[s : s + qlen].transpose(0, 1)[None]  # [1, nh, q, d]: 4-D inputs take the fused CPU kernel
         ctx = meta.context_lens[i]
         if cache is None or ctx == 0:
-            ki, vi = k[s : s + qlen].transpose(0, 1), v[s : s + qlen].transpose(0, 1)
+            ki, vi = k[s : s + qlen].transpose(0, 1)[None], v[s : s + qlen].transpose(0, 1)[None]
         else:
             ki, vi = _gather(cache, meta.block_tables[i], ctx + qlen)
+            ki, vi = ki[None], vi[None]
         if ctx == 0:
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:  # chunk of a longer prompt: query j sees keys 0 .. ctx + j
             mask = torch.arange(ctx + qlen)[None, :] <= (ctx + torch.arange(qlen))[:, None]
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[s : s + qlen] = o.transpose(0, 1)
+        out[s : s + qlen] = o[0].transpose(0, 1)
     return out.reshape(T, nh * d)
 
 
@@ -111,7 +112,9 @@ def _batched_decode(q, out, meta, cache, starts, idx, scale) -> None:
     k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, nkv, L, d]
     v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
     rows = torch.tensor([starts[i] for i in idx])
-    qb = q[rows].unsqueeze(2)  # [B, nh, 1, d]
+    nkv = k.shape[1]
+    # the query heads sharing a KV head become that head's queries: [B, nkv, rep, d] (no K/V copies)
+    qb = q[rows].view(len(idx), nkv, -1, q.shape[-1])
     mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    out[rows] = o.squeeze(2)
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+    out[rows] = o.reshape(len(idx), -1, q.shape[-1])
