@@ -1,0 +1,61 @@
+"""Load a role's settings: YAML file -> environment -> CLI flags, validated by a frozen pydantic model.
+
+Each server declares its settings as a pydantic model with `extra="forbid"` and `frozen=True`;
+`load_settings` merges the sources (later wins) and turns validation failures into one readable
+`SettingsError` (unknown key, wrong type, bad port). It knows nothing of any particular role.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def _from_env(model: type[BaseModel], prefix: str) -> dict[str, Any]:
+    out = {}
+    for name in model.model_fields:
+        value = os.environ.get(f"{prefix}{name.upper()}")
+        if value is not None:
+            out[name] = yaml.safe_load(value) if value.strip() else value
+    return out
+
+
+def load_settings(model: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None,
+                  env_prefix: str | None = None) -> T:
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise SettingsError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise SettingsError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise SettingsError(f"config file {p} must hold a mapping of option: value")
+        data.update(loaded)
+    if env_prefix:
+        data.update(_from_env(model, env_prefix))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()
+        )
+        raise SettingsError(f"invalid {model.__name__} settings: {problems}") from None
+
+
+def describe(settings: BaseModel) -> str:
+    """One line per option, for the start-up log."""
+    return "\n".join(f"  {k} = {v!r}" for k, v in settings.model_dump().items())

@@ -1,0 +1,27 @@
+"""Settings of one encode server (configs/encode.yaml documents each); frozen, validated at start."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EncodeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="checkpoint directory (only model.visual.* weights are loaded)")
+    host: str = "127.0.0.1"
+    port: int = Field(30001, ge=0, le=65535)
+    dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
+    max_batch_patches: int = Field(16384, ge=1, description="patch budget of one batched vision forward")
+    cache_bytes: int = Field(256 * 2**20, ge=0, description="embedding cache size (LRU by bytes); 0 disables")
+    max_pixels: int | None = Field(None, ge=1024, description="resize budget per image (default: the checkpoint's)")
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded size limit (decompression-bomb guard)")
+    max_images_per_request: int = Field(16, ge=1)
+    allow_http_images: bool = False
+    max_concurrent_requests: int = Field(64, ge=1, description="beyond this, encode requests get 503")
+    transfer_deadline_s: float = Field(30.0, gt=0)
+    transfer_host: str = Field("127.0.0.1", description="address the transfer engine binds/advertises")
+    staging_bytes: int = Field(64 * 2**20, ge=2**20, description="registered send buffer for Mooncake writes")
+    log_level: str = "info"

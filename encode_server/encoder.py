@@ -1,0 +1,94 @@
+"""The encode pipeline, transport-free: messages + decoded images -> everything the language side needs.
+
+`Encoder.encode(messages, images)` renders the chat template, runs the image processor, looks each
+image up in the embedding cache, sends the misses through the batched vision tower, and returns an
+`EncodedPrompt`: expanded prompt ids, M-RoPE positions and delta, vision rows and deepstack rows.
+Writing them to a language node is the service's job (`service.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from deepsplit.model.build import load_vision_model
+from deepsplit.model.config import ModelConfig
+from deepsplit.model.mrope import mrope_positions
+from deepsplit.model.processor import Preprocessor
+from encode_server.batcher import VisionBatcher
+from encode_server.cache import CachedRows, EmbeddingCache, content_key
+
+
+@dataclass
+class EncodedPrompt:
+    fill_ids: torch.Tensor  # [N] int32
+    positions: torch.Tensor  # [3, N] int32
+    mrope_delta: int
+    embeds: torch.Tensor  # [V, H]
+    deepstack: torch.Tensor  # [V, n_ds * H]
+    num_images: int
+    cache_hits: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Encoder:
+    def __init__(self, model_dir: str, max_batch_patches: int = 16384, cache_bytes: int = 256 * 2**20,
+                 dtype: str | None = None, max_pixels: int | None = None) -> None:
+        self.cfg = ModelConfig.from_dir(model_dir)
+        self.vision, _ = load_vision_model(model_dir, dtype=dtype, cfg=self.cfg)
+        self.pre = Preprocessor.from_dir(model_dir, max_pixels=max_pixels)
+        self.cache = EmbeddingCache(cache_bytes)
+        self.batcher = VisionBatcher(self.vision, max_batch_patches)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.cfg.text.hidden_size
+
+    def encode(self, messages: list[dict], images: list, image_bytes: list[bytes] | None = None,
+               timeout_s: float | None = None) -> EncodedPrompt:
+        """`images`: decoded PIL images in prompt order; `image_bytes`: their encoded bytes (cache keys)."""
+        t0 = time.perf_counter()
+        keys = [content_key(b) for b in image_bytes] if image_bytes is not None else [None] * len(images)
+        cached = [self.cache.get(k) if k else None for k in keys]
+        misses = [i for i, c in enumerate(cached) if c is None]
+        futures = {}
+        grids: list[list[int]] = [list(c.grid_thw) if c else [] for c in cached]
+        if misses:
+            pixels, miss_grids = self.pre.images_to_patches([images[i] for i in misses])
+            offsets = [0]
+            for g in miss_grids:
+                offsets.append(offsets[-1] + g[0] * g[1] * g[2])
+            for j, i in enumerate(misses):
+                grids[i] = miss_grids[j]
+                futures[i] = self.batcher.submit(pixels[offsets[j] : offsets[j + 1]], miss_grids[j])
+        t1 = time.perf_counter()
+        ids = self.pre.expand(self.pre.render(messages), grids)
+        positions, delta = mrope_positions(ids, self.cfg.image_token_id, grids, self.cfg.vision.spatial_merge_size)
+        embeds, deepstack = [], []
+        for i in range(len(images)):
+            if cached[i] is not None:
+                e, d = cached[i].embeds, cached[i].deepstack
+            else:
+                e, d = futures[i].result(timeout=timeout_s)
+                if keys[i]:
+                    self.cache.put(keys[i], CachedRows(tuple(grids[i]), e.clone(), d.clone()))
+            embeds.append(e)
+            deepstack.append(d)
+        t2 = time.perf_counter()
+        H, nds = self.hidden_size, self.cfg.n_deepstack
+        dtype = self.vision.merger.linear_fc2.weight.dtype
+        return EncodedPrompt(
+            fill_ids=torch.tensor(ids, dtype=torch.int32),
+            positions=positions.to(torch.int32),
+            mrope_delta=delta,
+            embeds=torch.cat(embeds) if embeds else torch.empty(0, H, dtype=dtype),
+            deepstack=torch.cat(deepstack) if deepstack else torch.empty(0, nds * H, dtype=dtype),
+            num_images=len(images),
+            cache_hits=len(images) - len(misses),
+            timings={"preprocess_s": t1 - t0, "vision_s": t2 - t1},
+        )
+
+    def close(self) -> None:
+        self.batcher.close()

@@ -1,0 +1,105 @@
+"""One encode request end to end: decode images, encode (cache + batched vision), push rows, report.
+
+`EncodeService.handle(req)` never raises for a bad request: it returns an `EncodeResponse` whose
+status says what happened (`bad_request` with the reason for unusable input, `error` for a failed
+transfer). It is synchronous; the HTTP layer runs it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+from deepsplit.images import BadImage, ImageLimits, image_urls, load_image
+from encode_server.config import EncodeSettings
+from encode_server.encoder import Encoder
+from encode_server.metrics import EncodeMetrics
+from encode_server.protocol import EncodeRequest, EncodeResponse
+
+log = logging.getLogger(__name__)
+
+
+class EncodeService:
+    def __init__(self, settings: EncodeSettings, metrics: EncodeMetrics) -> None:
+        from transfer import TransferSender, sender_config
+
+        self.settings = settings
+        self.metrics = metrics
+        self.encoder = Encoder(settings.model, settings.max_batch_patches, settings.cache_bytes,
+                               settings.dtype, settings.max_pixels)
+        self.sender = TransferSender(sender_config(host=settings.transfer_host, staging_bytes=settings.staging_bytes))
+        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
+                                  allow_http=settings.allow_http_images)
+        self._inflight = 0
+        self._lock = threading.Lock()
+
+    def try_acquire(self) -> bool:
+        with self._lock:
+            if self._inflight >= self.settings.max_concurrent_requests:
+                return False
+            self._inflight += 1
+            return True
+
+    def release(self) -> None:
+        with self._lock:
+            self._inflight -= 1
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def handle(self, req: EncodeRequest) -> EncodeResponse:
+        t0 = time.perf_counter()
+        try:
+            urls = image_urls(req.messages)
+            if len(urls) > self.settings.max_images_per_request:
+                raise BadImage(f"{len(urls)} images in one request; the limit is {self.settings.max_images_per_request}")
+            loaded = [load_image(u, self.limits) for u in urls]
+            encoded = self.encoder.encode(req.messages, [img for img, _ in loaded], [b for _, b in loaded],
+                                          timeout_s=req.deadline_s)
+        except BadImage as e:
+            self.metrics.requests.labels("bad_request").inc()
+            return EncodeResponse(room=req.room, status="bad_request", message=str(e))
+        except (ValueError, TypeError) as e:  # e.g. image processor refusing an extreme shape
+            self.metrics.requests.labels("bad_request").inc()
+            return EncodeResponse(room=req.room, status="bad_request", message=f"image rejected: {e}")
+        except Exception as e:  # noqa: BLE001
+            log.exception("encode failed for room %s", req.room)
+            self.metrics.requests.labels("error").inc()
+            return EncodeResponse(room=req.room, status="error", message=f"encode failed: {e}")
+        t1 = time.perf_counter()
+        try:
+            self.sender.send(req.descriptor, self._payload(encoded), deadline_s=req.deadline_s)
+        except Exception as e:  # noqa: BLE001
+            log.warning("transfer of room %s failed: %s", req.room, e)
+            self.metrics.requests.labels("transfer_failed").inc()
+            return EncodeResponse(room=req.room, status="error", message=f"transfer failed: {e}")
+        t2 = time.perf_counter()
+        self.metrics.observe(encoded, t1 - t0, t2 - t0)
+        return EncodeResponse(
+            room=req.room, status="ok", num_rows=int(encoded.fill_ids.numel()),
+            num_vision_rows=int(encoded.embeds.shape[0]), num_images=encoded.num_images,
+            cache_hits=encoded.cache_hits, encode_s=t1 - t0, total_s=t2 - t0,
+        )
+
+    def _payload(self, e):
+        from transfer import MultimodalPayload
+
+        return MultimodalPayload(fill_ids=e.fill_ids, mrope=e.positions, embeddings=e.embeds,
+                                 deepstack=e.deepstack, mrope_delta=e.mrope_delta, num_images=e.num_images)
+
+    def health_probe(self) -> float:
+        """A real (uncached) encode of a small image; returns its duration in seconds."""
+        t = time.perf_counter()
+        img = Image.fromarray(np.full((32, 32, 3), 127, dtype=np.uint8))
+        pixels, grid = self.encoder.pre.images_to_patches([img])
+        self.encoder.batcher.submit(pixels, grid[0]).result(timeout=30)
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.encoder.close()
+        self.sender.close()
