@@ -33,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
     content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
     prepared = pre.prepare([{"role": "user", "content": content}], images)
     t1 = time.perf_counter()
-    (tokens,) = greedy_generate(lm, cfg, encode_prompts(vm, cfg, [prepared]), args.max_tokens,
-                                stop_ids=cfg.eos_token_ids)
+    (tokens,) = greedy_generate(
+        lm, cfg, encode_prompts(vm, cfg, [prepared]), args.max_tokens, stop_ids=cfg.eos_token_ids
+    )
     t2 = time.perf_counter()
     print(f"prompt: {len(prepared.input_ids)} tokens, {len(images)} image(s)")
     print(f"answer: {pre.decode(tokens)!r}")

@@ -30,8 +30,12 @@ def _from_env(model: type[BaseModel], prefix: str) -> dict[str, Any]:
     return out
 
 
-def load_settings(model: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None,
-                  env_prefix: str | None = None) -> T:
+def load_settings(
+    model: type[T],
+    path: str | Path | None,
+    overrides: dict[str, Any] | None = None,
+    env_prefix: str | None = None,
+) -> T:
     data: dict[str, Any] = {}
     if path:
         p = Path(path)

@@ -37,10 +37,14 @@ def build_app(settings: EncodeSettings) -> FastAPI:
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             log.warning("rejected malformed encode request: %s", e)
             metrics.requests.labels("malformed").inc()
-            return reply(EncodeResponse(room="", status="bad_request", message=f"malformed encode request: {e}"))
+            return reply(
+                EncodeResponse(room="", status="bad_request", message=f"malformed encode request: {e}")
+            )
         if not service.try_acquire():
             metrics.requests.labels("overloaded").inc()
-            return reply(EncodeResponse(room=req.room, status="overloaded", message="encode server is at capacity"))
+            return reply(
+                EncodeResponse(room=req.room, status="overloaded", message="encode server is at capacity")
+            )
         try:
             resp = await anyio.to_thread.run_sync(service.handle, req, limiter=limiter)
         finally:

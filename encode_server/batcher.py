@@ -75,7 +75,7 @@ class VisionBatcher:
                         torch.cat([b.pixels for b in batch]), torch.tensor([b.grid for b in batch])
                     )
                 sizes = [t * h * w // self.model.merge_unit for t, h, w in (b.grid for b in batch)]
-                for b, e, d in zip(batch, embeds.split(sizes), deepstack.split(sizes)):
+                for b, e, d in zip(batch, embeds.split(sizes), deepstack.split(sizes), strict=False):
                     b.future.set_result((e, d))
                 self.batches += 1
                 self.images += len(batch)

@@ -26,7 +26,10 @@ class CachedRows:
 
     @property
     def nbytes(self) -> int:
-        return self.embeds.numel() * self.embeds.element_size() + self.deepstack.numel() * self.deepstack.element_size()
+        return (
+            self.embeds.numel() * self.embeds.element_size()
+            + self.deepstack.numel() * self.deepstack.element_size()
+        )
 
 
 class EmbeddingCache:

@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as e:
         print(f"encode-server: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     logging.getLogger(__name__).info("encode-server settings:\n%s", describe(settings))
     import torch
     import uvicorn
@@ -49,8 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     app = build_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=5,
+    )
     return 0
 
 

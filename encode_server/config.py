@@ -15,9 +15,13 @@ class EncodeSettings(BaseModel):
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
     max_batch_patches: int = Field(16384, ge=1, description="patch budget of one batched vision forward")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="embedding cache size (LRU by bytes); 0 disables")
-    max_pixels: int | None = Field(None, ge=1024, description="resize budget per image (default: the checkpoint's)")
+    max_pixels: int | None = Field(
+        None, ge=1024, description="resize budget per image (default: the checkpoint's)"
+    )
     max_image_bytes: int = Field(20 * 2**20, ge=1)
-    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded size limit (decompression-bomb guard)")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="decoded size limit (decompression-bomb guard)"
+    )
     max_images_per_request: int = Field(16, ge=1)
     allow_http_images: bool = False
     max_concurrent_requests: int = Field(64, ge=1, description="beyond this, encode requests get 503")

@@ -34,8 +34,14 @@ class EncodedPrompt:
 
 
 class Encoder:
-    def __init__(self, model_dir: str, max_batch_patches: int = 16384, cache_bytes: int = 256 * 2**20,
-                 dtype: str | None = None, max_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str,
+        max_batch_patches: int = 16384,
+        cache_bytes: int = 256 * 2**20,
+        dtype: str | None = None,
+        max_pixels: int | None = None,
+    ) -> None:
         self.cfg = ModelConfig.from_dir(model_dir)
         self.vision, _ = load_vision_model(model_dir, dtype=dtype, cfg=self.cfg)
         self.pre = Preprocessor.from_dir(model_dir, max_pixels=max_pixels)
@@ -46,8 +52,13 @@ class Encoder:
     def hidden_size(self) -> int:
         return self.cfg.text.hidden_size
 
-    def encode(self, messages: list[dict], images: list, image_bytes: list[bytes] | None = None,
-               timeout_s: float | None = None) -> EncodedPrompt:
+    def encode(
+        self,
+        messages: list[dict],
+        images: list,
+        image_bytes: list[bytes] | None = None,
+        timeout_s: float | None = None,
+    ) -> EncodedPrompt:
         """`images`: decoded PIL images in prompt order; `image_bytes`: their encoded bytes (cache keys)."""
         t0 = time.perf_counter()
         keys = [content_key(b) for b in image_bytes] if image_bytes is not None else [None] * len(images)
@@ -65,7 +76,9 @@ class Encoder:
                 futures[i] = self.batcher.submit(pixels[offsets[j] : offsets[j + 1]], miss_grids[j])
         t1 = time.perf_counter()
         ids = self.pre.expand(self.pre.render(messages), grids)
-        positions, delta = mrope_positions(ids, self.cfg.image_token_id, grids, self.cfg.vision.spatial_merge_size)
+        positions, delta = mrope_positions(
+            ids, self.cfg.image_token_id, grids, self.cfg.vision.spatial_merge_size
+        )
         embeds, deepstack = [], []
         for i in range(len(images)):
             if cached[i] is not None:

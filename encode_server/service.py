@@ -29,11 +29,21 @@ class EncodeService:
 
         self.settings = settings
         self.metrics = metrics
-        self.encoder = Encoder(settings.model, settings.max_batch_patches, settings.cache_bytes,
-                               settings.dtype, settings.max_pixels)
-        self.sender = TransferSender(sender_config(host=settings.transfer_host, staging_bytes=settings.staging_bytes))
-        self.limits = ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels,
-                                  allow_http=settings.allow_http_images)
+        self.encoder = Encoder(
+            settings.model,
+            settings.max_batch_patches,
+            settings.cache_bytes,
+            settings.dtype,
+            settings.max_pixels,
+        )
+        self.sender = TransferSender(
+            sender_config(host=settings.transfer_host, staging_bytes=settings.staging_bytes)
+        )
+        self.limits = ImageLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            allow_http=settings.allow_http_images,
+        )
         self._inflight = 0
         self._lock = threading.Lock()
 
@@ -57,10 +67,13 @@ class EncodeService:
         try:
             urls = image_urls(req.messages)
             if len(urls) > self.settings.max_images_per_request:
-                raise BadImage(f"{len(urls)} images in one request; the limit is {self.settings.max_images_per_request}")
+                raise BadImage(
+                    f"{len(urls)} images in one request; the limit is {self.settings.max_images_per_request}"
+                )
             loaded = [load_image(u, self.limits) for u in urls]
-            encoded = self.encoder.encode(req.messages, [img for img, _ in loaded], [b for _, b in loaded],
-                                          timeout_s=req.deadline_s)
+            encoded = self.encoder.encode(
+                req.messages, [img for img, _ in loaded], [b for _, b in loaded], timeout_s=req.deadline_s
+            )
         except BadImage as e:
             self.metrics.requests.labels("bad_request").inc()
             return EncodeResponse(room=req.room, status="bad_request", message=str(e))
@@ -81,16 +94,27 @@ class EncodeService:
         t2 = time.perf_counter()
         self.metrics.observe(encoded, t1 - t0, t2 - t0)
         return EncodeResponse(
-            room=req.room, status="ok", num_rows=int(encoded.fill_ids.numel()),
-            num_vision_rows=int(encoded.embeds.shape[0]), num_images=encoded.num_images,
-            cache_hits=encoded.cache_hits, encode_s=t1 - t0, total_s=t2 - t0,
+            room=req.room,
+            status="ok",
+            num_rows=int(encoded.fill_ids.numel()),
+            num_vision_rows=int(encoded.embeds.shape[0]),
+            num_images=encoded.num_images,
+            cache_hits=encoded.cache_hits,
+            encode_s=t1 - t0,
+            total_s=t2 - t0,
         )
 
     def _payload(self, e):
         from transfer import MultimodalPayload
 
-        return MultimodalPayload(fill_ids=e.fill_ids, mrope=e.positions, embeddings=e.embeds,
-                                 deepstack=e.deepstack, mrope_delta=e.mrope_delta, num_images=e.num_images)
+        return MultimodalPayload(
+            fill_ids=e.fill_ids,
+            mrope=e.positions,
+            embeddings=e.embeds,
+            deepstack=e.deepstack,
+            mrope_delta=e.mrope_delta,
+            num_images=e.num_images,
+        )
 
     def health_probe(self) -> float:
         """A real (uncached) encode of a small image; returns its duration in seconds."""

@@ -14,7 +14,9 @@ BENCHES = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=sorted(BENCHES))
-    parser.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see NAME --help)")
+    parser.add_argument(
+        "rest", nargs=argparse.REMAINDER, help="arguments of that benchmark (see NAME --help)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

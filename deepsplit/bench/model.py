@@ -57,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
     ids = torch.randint(0, 150000, (args.prompt_len,), generator=gen)
     with torch.no_grad():
         meta = AttentionMetadata.no_cache([args.prompt_len])
-        res["prefill_ours_s"] = _time(lambda: lm.compute_logits(lm(ids, torch.arange(args.prompt_len), meta)[-1:]),
-                                      args.repeats)
+        res["prefill_ours_s"] = _time(
+            lambda: lm.compute_logits(lm(ids, torch.arange(args.prompt_len), meta)[-1:]), args.repeats
+        )
         res["prefill_hf_s"] = _time(lambda: hf(input_ids=ids[None], logits_to_keep=1), args.repeats)
 
         B, C, bs = args.batch, args.context, 16
@@ -70,7 +71,9 @@ def run(args: argparse.Namespace) -> int:
         step_ids = torch.randint(0, 150000, (B,), generator=gen)
         dmeta = AttentionMetadata([1] * B, [C] * B, slots, tables)
         pos = torch.full((3, B), C)
-        res["decode_step_ours_s"] = _time(lambda: lm.compute_logits(lm(step_ids, pos, dmeta, cache)), args.repeats)
+        res["decode_step_ours_s"] = _time(
+            lambda: lm.compute_logits(lm(step_ids, pos, dmeta, cache)), args.repeats
+        )
 
         kv = DynamicCache(config=hf.config.text_config)
         hf_ctx = torch.randint(0, 150000, (B, C), generator=gen)
@@ -83,10 +86,15 @@ def run(args: argparse.Namespace) -> int:
 
         res["decode_step_hf_s"] = _time(hf_step, args.repeats)
     res.update(batch=B, context=C, prompt_len=args.prompt_len, vocab=V)
-    print(f"checkpoint {path}: text {text_params / 1e6:.1f} M params, vision {vision_params / 1e6:.1f} M, "
-          f"weights {file_bytes / 2**20:.0f} MiB")
+    print(
+        f"checkpoint {path}: text {text_params / 1e6:.1f} M params, vision {vision_params / 1e6:.1f} M, "
+        f"weights {file_bytes / 2**20:.0f} MiB"
+    )
     print(f"{'':28}{'ours':>10}{'transformers':>14}{'ours/hf':>9}")
-    for key, label in (("prefill", f"prefill {args.prompt_len} tok"), ("decode_step", f"decode step B={B} ctx={C}")):
+    for key, label in (
+        ("prefill", f"prefill {args.prompt_len} tok"),
+        ("decode_step", f"decode step B={B} ctx={C}"),
+    ):
         o, h = res[f"{key}_ours_s"], res[f"{key}_hf_s"]
         print(f"{label:28}{o * 1e3:>8.1f}ms{h * 1e3:>12.1f}ms{o / h:>9.2f}")
     if args.json_out:

@@ -40,18 +40,42 @@ def build_config(preset: str):
     text = dict(p["text"])
     mrope_section = text.pop("mrope_section")
     text.update(
-        vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, hidden_act="silu", tie_word_embeddings=False,
-        decoder_sparse_step=1, mlp_only_layers=[], attention_bias=False, dtype="float32",
-        rope_parameters={"rope_type": "default", "rope_theta": 5_000_000.0,
-                         "mrope_section": mrope_section, "mrope_interleaved": True},
-        bos_token_id=151643, eos_token_id=151645, pad_token_id=None,
+        vocab_size=VOCAB_SIZE,
+        rms_norm_eps=1e-6,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        attention_bias=False,
+        dtype="float32",
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5_000_000.0,
+            "mrope_section": mrope_section,
+            "mrope_interleaved": True,
+        },
+        bos_token_id=151643,
+        eos_token_id=151645,
+        pad_token_id=None,
     )
     vision = dict(p["vision"])
-    vision.update(patch_size=16, temporal_patch_size=2, spatial_merge_size=2, in_channels=3,
-                  hidden_act="gelu_pytorch_tanh", rope_parameters={"rope_type": "axial", "rope_theta": 10000.0})
+    vision.update(
+        patch_size=16,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        in_channels=3,
+        hidden_act="gelu_pytorch_tanh",
+        rope_parameters={"rope_type": "axial", "rope_theta": 10000.0},
+    )
     return Qwen3VLMoeConfig(
-        text_config=text, vision_config=vision, image_token_id=151655, video_token_id=151656,
-        vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False, dtype="float32",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+        dtype="float32",
     )
 
 
@@ -94,8 +118,13 @@ def write_checkpoint(out: str | Path, preset: str = "tiny", seed: int = 0) -> Pa
     config_dict = config.to_dict()
     config_dict["architectures"] = ["Qwen3VLMoeForConditionalGeneration"]
     (out / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
-    gen_cfg = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_token_id": 151643,
-               "do_sample": False, "transformers_version": config_dict.get("transformers_version")}
+    gen_cfg = {
+        "bos_token_id": 151643,
+        "eos_token_id": [151645, 151643],
+        "pad_token_id": 151643,
+        "do_sample": False,
+        "transformers_version": config_dict.get("transformers_version"),
+    }
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
     _write_processor_files(out, preset)
     return out
@@ -112,11 +141,21 @@ def _write_processor_files(out: Path, preset: str) -> None:
     shutil.copyfile(TEMPLATE, out / "chat_template.jinja")
     max_pixels = PRESETS[preset]["max_pixels"]
     pre = {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
-        "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
-        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen3VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True,
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
         "size": {"shortest_edge": 32 * 32, "longest_edge": max_pixels},
     }
     (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2, sort_keys=True) + "\n")
-    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n")
+    (out / "processor_config.json").write_text(
+        json.dumps({"processor_class": "Qwen3VLProcessor"}, indent=2) + "\n"
+    )

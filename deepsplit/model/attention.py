@@ -27,7 +27,7 @@ class AttentionMetadata:
 
     def __post_init__(self) -> None:
         self.num_seqs = len(self.query_lens)
-        self.total_lens = [q + c for q, c in zip(self.query_lens, self.context_lens)]
+        self.total_lens = [q + c for q, c in zip(self.query_lens, self.context_lens, strict=False)]
         # decode sequences come last in a step when the runner orders them so; we do not rely on it
         self.decode_idx = [i for i, q in enumerate(self.query_lens) if q == 1 and self.context_lens[i] > 0]
 
@@ -35,22 +35,40 @@ class AttentionMetadata:
 class PagedKVCache:
     """Per-layer K and V pools of shape `[num_blocks, block_size, n_kv_heads, head_dim]`."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         shape = (num_layers, 2, num_blocks, block_size, n_kv_heads, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return num_layers * 2 * block_size * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_block(
+        num_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        return (
+            num_layers * 2 * block_size * n_kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+        )
 
     def layer(self, idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[idx, 0], self.data[idx, 1]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-              cache: tuple[torch.Tensor, torch.Tensor] | None, scale: float) -> torch.Tensor:
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    cache: tuple[torch.Tensor, torch.Tensor] | None,
+    scale: float,
+) -> torch.Tensor:
     """q: [T, nh, d]; k, v: [T, nkv, d] (new tokens) -> [T, nh * d]."""
     T, nh, d = q.shape
     if cache is not None:

@@ -21,8 +21,9 @@ def resolve_dtype(name: str | None, cfg: ModelConfig) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_language_model(path: str | Path, dtype: str | None = None,
-                        cfg: ModelConfig | None = None) -> tuple[Qwen3MoeForCausalLM, ModelConfig]:
+def load_language_model(
+    path: str | Path, dtype: str | None = None, cfg: ModelConfig | None = None
+) -> tuple[Qwen3MoeForCausalLM, ModelConfig]:
     cfg = cfg or ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = Qwen3MoeForCausalLM(cfg.text, cfg.n_deepstack)
@@ -31,8 +32,9 @@ def load_language_model(path: str | Path, dtype: str | None = None,
     return model.eval().requires_grad_(False), cfg
 
 
-def load_vision_model(path: str | Path, dtype: str | None = None,
-                      cfg: ModelConfig | None = None) -> tuple[VisionModel, ModelConfig]:
+def load_vision_model(
+    path: str | Path, dtype: str | None = None, cfg: ModelConfig | None = None
+) -> tuple[VisionModel, ModelConfig]:
     cfg = cfg or ModelConfig.from_dir(path)
     with torch.device("meta"):
         model = VisionModel(cfg.vision)

@@ -110,7 +110,9 @@ class ModelConfig:
                 video_token_id=raw.get("video_token_id", 151656),
                 vision_start_token_id=raw.get("vision_start_token_id", 151652),
                 vision_end_token_id=raw.get("vision_end_token_id", 151653),
-                dtype=str(raw.get("dtype") or raw.get("torch_dtype") or raw["text_config"].get("dtype") or "float32"),
+                dtype=str(
+                    raw.get("dtype") or raw.get("torch_dtype") or raw["text_config"].get("dtype") or "float32"
+                ),
                 eos_token_ids=eos,
             )
         except KeyError as e:

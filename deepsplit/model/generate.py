@@ -37,7 +37,9 @@ def encode_prompts(vision, cfg, prompts: list[PreparedPrompt]) -> list[PromptInp
             embeds, deepstack = vision(pixels, torch.tensor(grids))
     out, row = [], 0
     for p in prompts:
-        pos, delta = mrope_positions(p.input_ids, cfg.image_token_id, p.grid_thw, cfg.vision.spatial_merge_size)
+        pos, delta = mrope_positions(
+            p.input_ids, cfg.image_token_id, p.grid_thw, cfg.vision.spatial_merge_size
+        )
         n = sum(vision.rows_per_image(torch.tensor(p.grid_thw))) if p.grid_thw else 0
         ve = embeds[row : row + n] if n else None
         ds = deepstack[row : row + n] if n else None
@@ -69,14 +71,27 @@ def _flatten(lm, cfg, inputs: list[PromptInputs]):
 
 
 @torch.no_grad()
-def greedy_generate(lm, cfg, inputs: list[PromptInputs], max_new_tokens: int, block_size: int = 16,
-                    prefill_chunk: int | None = None, stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
+def greedy_generate(
+    lm,
+    cfg,
+    inputs: list[PromptInputs],
+    max_new_tokens: int,
+    block_size: int = 16,
+    prefill_chunk: int | None = None,
+    stop_ids: tuple[int, ...] = (),
+) -> list[list[int]]:
     """Greedy continuations of several prompts: (chunked) prefill, then batched decode, paged cache."""
     t = cfg.text
     lens = [len(x.input_ids) for x in inputs]
     per_seq = [(n + max_new_tokens + block_size - 1) // block_size for n in lens]
-    cache = PagedKVCache(t.num_hidden_layers, sum(per_seq), block_size, t.num_key_value_heads, t.head_dim,
-                         dtype=lm.lm_head.weight.dtype)
+    cache = PagedKVCache(
+        t.num_hidden_layers,
+        sum(per_seq),
+        block_size,
+        t.num_key_value_heads,
+        t.head_dim,
+        dtype=lm.lm_head.weight.dtype,
+    )
     tables, start = [], 0
     for n in per_seq:
         tables.append(list(range(start, start + n)))
@@ -91,8 +106,14 @@ def greedy_generate(lm, cfg, inputs: list[PromptInputs], max_new_tokens: int, bl
             e = min(s + chunk, len(ids))
             slots = _slots(tables[i], range(s, e), block_size)
             meta = AttentionMetadata([e - s], [s], slots, table_t[i : i + 1])
-            hidden = lm(ids[s:e], pos[:, s:e], meta, cache,
-                        None if emb is None else emb[s:e], None if ds is None else ds[s:e])
+            hidden = lm(
+                ids[s:e],
+                pos[:, s:e],
+                meta,
+                cache,
+                None if emb is None else emb[s:e],
+                None if ds is None else ds[s:e],
+            )
         last_logits.append(lm.compute_logits(hidden[-1:]))
     next_tok = [int(lg.argmax(-1)) for lg in last_logits]
     done = [False] * len(inputs)
@@ -118,4 +139,3 @@ def greedy_generate(lm, cfg, inputs: list[PromptInputs], max_new_tokens: int, bl
 
 def _slots(table: list[int], positions, block_size: int) -> torch.Tensor:
     return torch.tensor([table[p // block_size] * block_size + p % block_size for p in positions])
-

@@ -63,7 +63,9 @@ def load_weights(module: nn.Module, path: str | Path, part: str, progress: bool 
                     t = sf.get_tensor(key)
                     p = params[name]
                     if tuple(t.shape) != tuple(p.shape):
-                        raise CheckpointError(f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(p.shape)}")
+                        raise CheckpointError(
+                            f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(p.shape)}"
+                        )
                     p.copy_(t)
                     seen.add(name)
                     loaded += t.numel() * t.element_size()

@@ -11,8 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def mrope_positions(input_ids: list[int] | torch.Tensor, image_token_id: int, grid_thw: list[list[int]],
-                    spatial_merge_size: int) -> tuple[torch.Tensor, int]:
+def mrope_positions(
+    input_ids: list[int] | torch.Tensor,
+    image_token_id: int,
+    grid_thw: list[list[int]],
+    spatial_merge_size: int,
+) -> tuple[torch.Tensor, int]:
     """-> (positions [3, N] long, mrope_position_delta). Images consume `grid_thw` in order."""
     ids = torch.as_tensor(input_ids).reshape(-1)
     N = ids.numel()
@@ -38,7 +42,9 @@ def mrope_positions(input_ids: list[int] | torch.Tensor, image_token_id: int, gr
                 n = t * gh * gw
                 if k + n > j:
                     raise ValueError("image placeholder count does not match the image grid")
-                tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+                tt, hh, ww = torch.meshgrid(
+                    torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij"
+                )
                 pos[:, k : k + n] = torch.stack([tt, hh, ww]).reshape(3, -1) + cur
                 cur += max(gh, gw)
                 k += n

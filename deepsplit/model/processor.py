@@ -27,7 +27,9 @@ class PreparedPrompt:
 
 
 class Preprocessor:
-    def __init__(self, tokenizer, image_processor, chat_template: str, image_token: str = "<|image_pad|>") -> None:
+    def __init__(
+        self, tokenizer, image_processor, chat_template: str, image_token: str = "<|image_pad|>"
+    ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -57,7 +59,10 @@ class Preprocessor:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=add_generation_prompt, tokenize=False
+            messages,
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=False,
         )
 
     def images_to_patches(self, images: list) -> tuple[torch.Tensor | None, list[list[int]]]:
@@ -76,12 +81,14 @@ class Preprocessor:
         if len(parts) - 1 != len(grid_thw):
             raise ValueError(f"prompt has {len(parts) - 1} image placeholders but {len(grid_thw)} images")
         pieces = [parts[0]]
-        for grid, rest in zip(grid_thw, parts[1:]):
+        for grid, rest in zip(grid_thw, parts[1:], strict=False):
             pieces.append(self.image_token * self.rows_for(grid))
             pieces.append(rest)
         return self.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]
 
-    def prepare(self, messages: list[dict], images: list, add_generation_prompt: bool = True) -> PreparedPrompt:
+    def prepare(
+        self, messages: list[dict], images: list, add_generation_prompt: bool = True
+    ) -> PreparedPrompt:
         pixel_values, grid = self.images_to_patches(images)
         ids = self.expand(self.render(messages, add_generation_prompt), grid)
         return PreparedPrompt(ids, pixel_values, grid)

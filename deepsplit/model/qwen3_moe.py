@@ -43,8 +43,9 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         if cfg.is_moe_layer(idx):
-            self.mlp = SparseMoeBlock(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts,
-                                      cfg.num_experts_per_tok)
+            self.mlp = SparseMoeBlock(
+                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+            )
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -65,17 +66,27 @@ class Qwen3MoeModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
-    def embed(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None = None,
-              vision_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        vision_embeds: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings `[T, H]` with the vision rows (`vision_mask` True, in order) replaced."""
         h = self.embed_tokens(input_ids)
         if vision_embeds is not None:
             h[vision_mask] = vision_embeds.to(h.dtype)
         return h
 
-    def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_cache: PagedKVCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                input_deepstack_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: PagedKVCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        input_deepstack_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids: [T]; positions: [3, T] (or [T] for text); returns final-normed hidden [T, H]."""
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         cos, sin = self.rotary(positions, h.dtype)
@@ -84,7 +95,9 @@ class Qwen3MoeModel(nn.Module):
             h = self._process_layer_output(i, h, input_deepstack_embeds)
         return self.norm(h)
 
-    def _process_layer_output(self, idx: int, h: torch.Tensor, deepstack: torch.Tensor | None) -> torch.Tensor:
+    def _process_layer_output(
+        self, idx: int, h: torch.Tensor, deepstack: torch.Tensor | None
+    ) -> torch.Tensor:
         """The one per-layer hook: add deepstack slice `idx` after the first `n_deepstack` layers."""
         if deepstack is None or idx >= deepstack.shape[-1] // h.shape[-1]:
             return h
@@ -99,8 +112,9 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.model = Qwen3MoeModel(cfg, n_deepstack)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def forward(self, input_ids, positions, meta, kv_cache=None, inputs_embeds=None,
-                input_deepstack_embeds=None) -> torch.Tensor:
+    def forward(
+        self, input_ids, positions, meta, kv_cache=None, inputs_embeds=None, input_deepstack_embeds=None
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, meta, kv_cache, inputs_embeds, input_deepstack_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

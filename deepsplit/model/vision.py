@@ -36,14 +36,16 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]
+    ) -> torch.Tensor:
         N = x.shape[0]
         q, k, v = self.qkv(x).reshape(N, 3, self.nh, self.d).unbind(1)  # each [N, nh, d]
         q, k = _rotary_fp32(q, cos, sin), _rotary_fp32(k, cos, sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [nh, N, d]
         outs = [
             F.scaled_dot_product_attention(qi, ki, vi)
-            for qi, ki, vi in zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1))
+            for qi, ki, vi in zip(q.split(seqlens, 1), k.split(seqlens, 1), v.split(seqlens, 1), strict=False)
         ]
         return self.proj(torch.cat(outs, dim=1).transpose(0, 1).reshape(N, -1))
 
@@ -89,7 +91,11 @@ class PatchMerger(nn.Module):
         self.linear_fc2 = nn.Linear(self.width, cfg.out_hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(x.reshape(-1, self.width)) if self.postshuffle_norm else self.norm(x).reshape(-1, self.width)
+        x = (
+            self.norm(x.reshape(-1, self.width))
+            if self.postshuffle_norm
+            else self.norm(x).reshape(-1, self.width)
+        )
         return self.linear_fc2(F.gelu(self.linear_fc1(x)))
 
 
@@ -110,20 +116,26 @@ class VisionModel(nn.Module):
     def init_buffers(self) -> None:
         """(Re)compute the rotary table, e.g. after building on the meta device."""
         half = self.cfg.head_dim // 2  # h and w each rotate half of the head
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float, device="cpu") / half))
+        inv_freq = 1.0 / (
+            self.cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float, device="cpu") / half)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @property
     def merge_unit(self) -> int:
         return self.cfg.spatial_merge_size**2
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, pixel_values: torch.Tensor, grid_thw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (embeds [R, out_H], deepstack [R, n_ds * out_H]) for all images, in order."""
         grid = grid_thw.tolist()
         x = self.patch_embed(pixel_values)
         idx, wts = _interp_taps(grid, self.side, self.cfg.spatial_merge_size)
         x = x + (self.pos_embed(idx) * wts[:, :, None]).sum(1).to(x.dtype)
-        rot = _rotary_positions(grid, self.cfg.spatial_merge_size).float()[..., None] * self.inv_freq  # [N, 2, d/4]
+        rot = (
+            _rotary_positions(grid, self.cfg.spatial_merge_size).float()[..., None] * self.inv_freq
+        )  # [N, 2, d/4]
         emb = torch.cat((rot[:, 0], rot[:, 1]), dim=-1)
         emb = torch.cat((emb, emb), dim=-1)  # [N, d]
         cos, sin = emb.cos(), emb.sin()

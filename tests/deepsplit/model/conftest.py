@@ -50,6 +50,9 @@ def hf_inputs(prepared, cfg) -> dict:
     ids = torch.tensor([prepared.input_ids])
     kw = {"input_ids": ids}
     if prepared.grid_thw:
-        kw.update(pixel_values=prepared.pixel_values, image_grid_thw=torch.tensor(prepared.grid_thw),
-                  mm_token_type_ids=(ids == cfg.image_token_id).int())
+        kw.update(
+            pixel_values=prepared.pixel_values,
+            image_grid_thw=torch.tensor(prepared.grid_thw),
+            mm_token_type_ids=(ids == cfg.image_token_id).int(),
+        )
     return kw

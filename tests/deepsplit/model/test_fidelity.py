@@ -36,7 +36,9 @@ def test_mrope_positions_and_delta_match(ours, hf_oracle, name):
         assert delta == 0 and torch.equal(pos, torch.arange(len(p.input_ids)).expand(3, -1))
         return
     kw = hf_inputs(p, cfg)
-    ref_pos, ref_delta = hf_oracle.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], kw["image_grid_thw"])
+    ref_pos, ref_delta = hf_oracle.model.get_rope_index(
+        kw["input_ids"], kw["mm_token_type_ids"], kw["image_grid_thw"]
+    )
     assert torch.equal(pos, ref_pos[:, 0])
     assert delta == int(ref_delta)
 
@@ -56,7 +58,7 @@ def test_mixed_batch_logits_match_each_prompt(ours, hf_oracle):
     lm, vm, cfg, pre = ours
     prepared = [build_prompt(pre, n, seed=i * 10) for i, n in enumerate(PROMPTS)]
     batch_logits = prefill_logits(lm, cfg, encode_prompts(vm, cfg, prepared))
-    for p, logits in zip(prepared, batch_logits):
+    for p, logits in zip(prepared, batch_logits, strict=False):
         with torch.no_grad():
             ref = hf_oracle(**hf_inputs(p, cfg)).logits[0]
         torch.testing.assert_close(logits, ref, atol=ATOL, rtol=0)

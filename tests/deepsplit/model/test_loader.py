@@ -64,7 +64,9 @@ def test_missing_key_is_named(tiny_model_dir, tmp_path):
 
 
 def test_unexpected_key_is_named(tiny_model_dir, tmp_path):
-    dst = _copy_with(tiny_model_dir, tmp_path, lambda t: t.update({"model.visual.extra.weight": torch.zeros(2)}))
+    dst = _copy_with(
+        tiny_model_dir, tmp_path, lambda t: t.update({"model.visual.extra.weight": torch.zeros(2)})
+    )
     with pytest.raises(CheckpointError, match="unexpected.*model.visual.extra.weight"):
         load_vision_model(dst)
 
