@@ -58,21 +58,45 @@ class Cluster:
         if self.log_dir:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+        )
         self.procs.append((name, proc))
 
     def start(self) -> Cluster:
         py, s = sys.executable, self.s
         for j in range(s.encoders):
-            cmd = [py, "-m", "encode_server.cli", "--model", s.model, "--host", s.host,
-                   "--port", str(s.encoder_base_port + j), "--transfer-host", s.host]
+            cmd = [
+                py,
+                "-m",
+                "encode_server.cli",
+                "--model",
+                s.model,
+                "--host",
+                s.host,
+                "--port",
+                str(s.encoder_base_port + j),
+                "--transfer-host",
+                s.host,
+            ]
             if s.encode_config and Path(s.encode_config).is_file():
                 cmd += ["--config", s.encode_config]
             self._spawn(f"encoder-{j}", cmd + list(s.encoder_args))
         mode = "disaggregated" if s.encoders else "monolithic"
         for i in range(s.languages):
-            cmd = [py, "-m", "language_server.cli", "--model", s.model, "--host", s.host,
-                   "--port", str(s.language_base_port + i), "--mode", mode]
+            cmd = [
+                py,
+                "-m",
+                "language_server.cli",
+                "--model",
+                s.model,
+                "--host",
+                s.host,
+                "--port",
+                str(s.language_base_port + i),
+                "--mode",
+                mode,
+            ]
             if s.encoders:
                 cmd += ["--encoder-urls", ",".join(self.encoder_urls), "--transfer-backend", s.backend]
             if s.language_config and Path(s.language_config).is_file():
@@ -133,13 +157,17 @@ def _signal_group(p: subprocess.Popen, sig: int) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="configs/cluster.yaml" if Path("configs/cluster.yaml").is_file() else None)
+    parser.add_argument(
+        "--config", default="configs/cluster.yaml" if Path("configs/cluster.yaml").is_file() else None
+    )
     parser.add_argument("--model")
     parser.add_argument("--encoders", type=int)
     parser.add_argument("--languages", type=int)
     parser.add_argument("--backend", choices=["mooncake", "zmq"])
     parser.add_argument("--host")
-    parser.add_argument("--log-dir", help="write each process's output to DIR/NAME.log instead of this terminal")
+    parser.add_argument(
+        "--log-dir", help="write each process's output to DIR/NAME.log instead of this terminal"
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
@@ -182,7 +210,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"deepsplit up: {e}", file=sys.stderr)
         return 2
     cluster = Cluster(settings, args.log_dir)
-    print(f"deepsplit: starting {settings.encoders} encoder(s) and {settings.languages} language server(s) ...")
+    print(
+        f"deepsplit: starting {settings.encoders} encoder(s) and {settings.languages} language server(s) ..."
+    )
     cluster.start()
     print("deepsplit: ready")
     print_endpoints(cluster)
