@@ -1,0 +1,157 @@
+"""The language server's view of its encode servers: who is healthy, who is least loaded, and the
+bounded retry of one encode call across them.
+
+Encoders come from a static list and may be added or removed at run time (discovery plugs in via
+`set_urls`). A background task probes `GET /health`; an encoder that fails a call or a probe leaves
+the rotation until a probe succeeds again. It knows nothing of buffers or rooms: the caller passes
+a function that builds the request for an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from encode_server.protocol import CONTENT_TYPE, EncodeRequest, EncodeResponse, decode_response, encode
+
+log = logging.getLogger(__name__)
+
+
+class EncoderUnavailable(RuntimeError):
+    """No healthy encoder could encode the request within the allowed attempts (-> 503)."""
+
+
+class EncodeRejected(ValueError):
+    """An encoder judged the request itself bad (-> 400); retrying elsewhere would not help."""
+
+
+@dataclass
+class EncoderState:
+    url: str
+    healthy: bool = True  # optimistic until the first probe says otherwise
+    inflight: int = 0
+    served: int = 0
+    failures: int = 0
+    last_error: str = ""
+    last_probe: float = field(default=0.0)
+
+
+class EncoderPool:
+    def __init__(self, urls: list[str], timeout_s: float = 60.0, health_interval_s: float = 2.0,
+                 max_attempts: int = 3, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.encoders: dict[str, EncoderState] = {}
+        self.set_urls(urls)
+        self.timeout_s, self.health_interval_s, self.max_attempts = timeout_s, health_interval_s, max_attempts
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=2.0), transport=transport)
+        self._task: asyncio.Task | None = None
+        self._rr = 0
+
+    def set_urls(self, urls: list[str]) -> None:
+        urls = [u.rstrip("/") for u in urls if u]
+        for u in urls:
+            self.encoders.setdefault(u, EncoderState(u))
+        for u in list(self.encoders):
+            if u not in urls:
+                del self.encoders[u]
+
+    def healthy(self) -> list[EncoderState]:
+        return [e for e in self.encoders.values() if e.healthy]
+
+    def pick(self, exclude: set[str] = frozenset()) -> EncoderState | None:
+        live = [e for e in self.healthy() if e.url not in exclude]
+        if not live:
+            return None
+        least = min(e.inflight for e in live)
+        tied = [e for e in live if e.inflight == least]
+        self._rr += 1
+        return tied[self._rr % len(tied)]
+
+    async def start(self) -> None:
+        await self.probe_all()
+        self._task = asyncio.create_task(self._probe_loop())
+
+    async def close(self) -> None:
+        if self._task:
+            self._task.cancel()
+        await self._client.aclose()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.probe_all()
+            except Exception:  # noqa: BLE001 - the loop must survive anything
+                log.exception("encoder health probe loop")
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self._probe(e) for e in list(self.encoders.values())))
+
+    async def _probe(self, e: EncoderState) -> None:
+        try:
+            r = await self._client.get(f"{e.url}/health", timeout=min(10.0, self.timeout_s))
+            ok = r.status_code == 200
+            err = "" if ok else f"health returned {r.status_code}"
+        except httpx.HTTPError as exc:
+            ok, err = False, f"{type(exc).__name__}: {exc}"
+        if ok != e.healthy:
+            log.warning("encoder %s is now %s%s", e.url, "healthy" if ok else "unhealthy", f" ({err})" if err else "")
+        e.healthy, e.last_probe = ok, time.monotonic()
+        if err:
+            e.last_error = err
+
+    async def encode(self, make_request: Callable[[int], Awaitable[EncodeRequest]],
+                     on_failed_attempt: Callable[[EncodeRequest], Awaitable[None]]) -> EncodeResponse:
+        """Try healthy encoders (least loaded first) up to `max_attempts` times.
+
+        `make_request(attempt)` builds a fresh request (fresh room) per attempt; `on_failed_attempt`
+        releases what that attempt held before the next one starts.
+        """
+        tried: set[str] = set()
+        errors: list[str] = []
+        for attempt in range(self.max_attempts):
+            enc = self.pick(exclude=tried) or self.pick()
+            if enc is None:
+                break
+            tried.add(enc.url)
+            req = await make_request(attempt)
+            enc.inflight += 1
+            try:
+                resp = await self._post(enc, req)
+            except (httpx.HTTPError, ValueError) as exc:
+                resp, err = None, f"{enc.url}: {type(exc).__name__}: {exc}"
+            finally:
+                enc.inflight -= 1
+            if resp is not None and resp.status == "ok":
+                enc.served += 1
+                return resp
+            if resp is not None and resp.status == "bad_request":
+                await on_failed_attempt(req)
+                raise EncodeRejected(resp.message)
+            if resp is not None:
+                err = f"{enc.url}: {resp.status}: {resp.message}"
+            errors.append(err)
+            enc.failures += 1
+            enc.last_error = err
+            if resp is None or resp.status == "error":
+                enc.healthy = False  # out of rotation until a probe says otherwise
+            log.warning("encode attempt %d failed (%s); %s", attempt + 1, err,
+                        "retrying" if attempt + 1 < self.max_attempts else "giving up")
+            await on_failed_attempt(req)
+        detail = "; ".join(errors) if errors else "no healthy encode server"
+        raise EncoderUnavailable(f"image encoding unavailable: {detail}")
+
+    async def _post(self, enc: EncoderState, req: EncodeRequest) -> EncodeResponse:
+        r = await self._client.post(f"{enc.url}/v1/encode", content=encode(req),
+                                    headers={"content-type": CONTENT_TYPE}, timeout=req.deadline_s + 5)
+        if r.headers.get("content-type", "").startswith(CONTENT_TYPE):
+            return decode_response(r.content)
+        raise ValueError(f"unexpected reply HTTP {r.status_code}: {r.text[:200]}")
+
+    def snapshot(self) -> list[dict]:
+        return [{"url": e.url, "healthy": e.healthy, "inflight": e.inflight, "served": e.served,
+                 "failures": e.failures, "last_error": e.last_error} for e in self.encoders.values()]

@@ -1,0 +1,113 @@
+"""Encoder pool logic (no real encoders): least-loaded choice, retries, rejection, health rotation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from encode_server.protocol import CONTENT_TYPE, EncodeRequest, EncodeResponse, encode
+from language_server.mm.encoder_pool import EncodeRejected, EncoderPool, EncoderUnavailable
+
+
+def _transport(behaviour: dict[str, str], calls: list[str]):
+    """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy'."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        host = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
+        mode = behaviour[host]
+        if mode == "down":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.path == "/health":
+            return httpx.Response(503 if mode == "unhealthy" else 200, json={})
+        calls.append(host)
+        status = "ok" if mode == "unhealthy" else mode
+        body = encode(EncodeResponse(room="r", status=status, message=f"{mode} from {host}"))
+        return httpx.Response(200, content=body, headers={"content-type": CONTENT_TYPE})
+
+    return httpx.MockTransport(handler)
+
+
+A, B, C = "http://a:1", "http://b:1", "http://c:1"
+
+
+def _run(behaviour, fn):
+    calls: list[str] = []
+    failed: list[str] = []
+
+    async def main():
+        pool = EncoderPool(list(behaviour), transport=_transport(behaviour, calls), max_attempts=3)
+
+        async def make(attempt):
+            return EncodeRequest(room=f"room-{attempt}", messages=[], descriptor={})
+
+        async def on_fail(req):
+            failed.append(req.room)
+
+        try:
+            return pool, await fn(pool, make, on_fail)
+        finally:
+            await pool.close()
+
+    pool, result = asyncio.run(main())
+    return pool, result, calls, failed
+
+
+def test_failed_encoder_is_retried_elsewhere_and_leaves_rotation():
+    pool, resp, calls, failed = _run({A: "error", B: "ok"}, lambda p, m, f: _first_a(p, m, f))
+    assert resp.status == "ok" and calls == [A, B] and failed == ["room-0"]
+    assert not pool.encoders[A].healthy and pool.encoders[B].served == 1
+
+
+async def _first_a(pool, make, on_fail):
+    pool._rr = -1  # make A the first pick among equals
+    return await pool.encode(make, on_fail)
+
+
+def test_bad_request_is_not_retried():
+    calls = []
+
+    async def fn(pool, make, on_fail):
+        pool._rr = -1  # A first
+        try:
+            await pool.encode(make, on_fail)
+        except EncodeRejected as e:
+            calls.append(str(e))
+        return None
+
+    _, _, posted, failed = _run({A: "bad_request", B: "ok"}, fn)
+    assert calls == ["bad_request from http://a:1"] and posted == [A] and failed == ["room-0"]
+
+
+def test_all_failing_gives_unavailable_after_bounded_attempts():
+    with pytest.raises(EncoderUnavailable, match="image encoding unavailable"):
+        _run({A: "down", B: "error", C: "overloaded"}, lambda p, m, f: p.encode(m, f))
+
+
+def test_probe_removes_and_restores():
+    behaviour = {A: "unhealthy", B: "ok"}
+
+    async def fn(pool, make, on_fail):
+        await pool.probe_all()
+        assert [e.url for e in pool.healthy()] == [B]
+        behaviour[A] = "ok"
+        await pool.probe_all()
+        return [e.url for e in pool.healthy()]
+
+    _, healthy, _, _ = _run(behaviour, fn)
+    assert healthy == [A, B]
+
+
+def test_least_loaded_is_picked():
+    async def fn(pool, make, on_fail):
+        pool.encoders[A].inflight = 3
+        return pool.pick().url
+
+    _, url, _, _ = _run({A: "ok", B: "ok"}, fn)
+    assert url == B
+
+
+def test_no_encoders_at_all():
+    with pytest.raises(EncoderUnavailable, match="no healthy encode server"):
+        _run({}, lambda p, m, f: p.encode(m, f))
