@@ -52,9 +52,11 @@ class SparseMoeBlock(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            h = xs[start : start + n] @ self.experts.gate_up_proj[e]  # [n, 2I]
+            end = start + n
+            h = xs[start:end] @ self.experts.gate_up_proj[e]  # [n, 2I]
             g, u = h.chunk(2, dim=-1)
-            ys[start : start + n] = (F.silu(g) * u) @ self.experts.down_proj[e]
-            start += n
-        ys = ys * weights.reshape(-1)[order, None]
+            act = F.silu(g, inplace=True).mul_(u)  # [n, I], in place on the temporary h
+            torch.mm(act, self.experts.down_proj[e], out=ys[start:end])
+            start = end
+        ys.mul_(weights.reshape(-1)[order, None])
         return torch.zeros_like(x).index_add_(0, token_of, ys)
