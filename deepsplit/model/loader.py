@@ -8,6 +8,7 @@ disk (safetensors is lazy); missing or unexpected keys are errors that name them
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -34,44 +35,77 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
+# Checkpoints that store each expert separately (`mlp.experts.{e}.gate_proj.weight`, [I, H]) are
+# packed into our fused tensors: name -> (fused parameter, which part of it), declared as data.
+UNFUSED_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+FUSED_TARGET = {"gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+
+
+def _place(p: torch.Tensor, name: str, key: str, t: torch.Tensor) -> str:
+    """Copy checkpoint tensor `t` (our name `name`) into parameter `p`; returns the coverage unit."""
+    m = UNFUSED_EXPERT.match(name)
+    if m:
+        e, part = int(m.group(2)), m.group(3)
+        inter = p.shape[-1] // 2 if part != "down_proj" else p.shape[1]
+        dst = {"gate_proj": p[e, :, :inter], "up_proj": p[e, :, inter:], "down_proj": p[e]}[part]
+        t = t.t()
+        unit = f"{m.group(1)}.{FUSED_TARGET[part]}#{e}.{part}"
+    else:
+        dst, unit = p, name
+    if tuple(t.shape) != tuple(dst.shape):
+        raise CheckpointError(f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(dst.shape)}")
+    dst.copy_(t)
+    return unit
+
+
+def _param_name(name: str) -> str:
+    m = UNFUSED_EXPERT.match(name)
+    return f"{m.group(1)}.{FUSED_TARGET[m.group(3)]}" if m else name
+
+
+def _covered(params: dict[str, torch.Tensor], units: set[str]) -> set[str]:
+    """Parameters fully written: directly, or every expert and part of a fused one."""
+    done = {u for u in units if "#" not in u}
+    packed: dict[str, int] = {}
+    for u in units:
+        if "#" in u:
+            packed[u.split("#")[0]] = packed.get(u.split("#")[0], 0) + 1
+    for name, n in packed.items():
+        parts = 1 if name.endswith("down_proj") else 2
+        if n == params[name].shape[0] * parts:
+            done.add(name)
+    return done
+
+
 def load_weights(module: nn.Module, path: str | Path, part: str, progress: bool | None = None) -> int:
     """Copy the checkpoint's `part` tensors into `module`; returns bytes loaded."""
     prefixes = PREFIXES[part]
     params = dict(module.named_parameters())
-    seen: set[str] = set()
+    units: set[str] = set()
     unexpected: list[str] = []
     loaded = 0
-    files = checkpoint_files(path)
-    keys = []
-    for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            keys += [(f, k) for k in sf.keys()]
-    wanted = [(f, k, _map(k, prefixes)) for f, k in keys]
-    wanted = [(f, k, n) for f, k, n in wanted if n is not None]
-    total = sum(1 for _ in wanted)
-    bar = _progress(total, progress, part)
     by_file: dict[Path, list[tuple[str, str]]] = {}
-    for f, k, n in wanted:
-        by_file.setdefault(f, []).append((k, n))
+    for f in checkpoint_files(path):
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                name = _map(key, prefixes)
+                if name is not None:
+                    by_file.setdefault(f, []).append((key, name))
+    bar = _progress(sum(len(v) for v in by_file.values()), progress, part)
     with torch.no_grad():
         for f, items in by_file.items():
             with safe_open(str(f), framework="pt") as sf:
                 for key, name in items:
-                    if name not in params:
+                    target = _param_name(name)
+                    if target not in params:
                         unexpected.append(key)
                         continue
                     t = sf.get_tensor(key)
-                    p = params[name]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise CheckpointError(
-                            f"{key}: checkpoint shape {tuple(t.shape)} != model {tuple(p.shape)}"
-                        )
-                    p.copy_(t)
-                    seen.add(name)
+                    units.add(_place(params[target], name, key, t))
                     loaded += t.numel() * t.element_size()
                     bar.update(1)
     bar.close()
-    missing = sorted(set(params) - seen)
+    missing = sorted(set(params) - _covered(params, units))
     if missing or unexpected:
         raise CheckpointError(
             f"{part} weights of {path} do not match the model: missing {missing[:10]}"

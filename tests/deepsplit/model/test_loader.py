@@ -91,3 +91,31 @@ def test_progress_bar_does_not_change_result(tiny_model_dir):
     before = {n: p.clone() for n, p in lm.named_parameters()}
     load_weights(lm, tiny_model_dir, "text", progress=True)
     assert all(torch.equal(before[n], p) for n, p in lm.named_parameters())
+
+
+def test_per_expert_checkpoint_layout_loads_identically(tiny_model_dir, tmp_path):
+    """A checkpoint storing `mlp.experts.{e}.{gate,up,down}_proj.weight` packs into the same tensors."""
+
+    def unfuse(t):
+        for key in [k for k in t if k.endswith("mlp.experts.gate_up_proj")]:
+            gu = t.pop(key)  # [E, H, 2I]
+            inter = gu.shape[-1] // 2
+            base = key[: -len("gate_up_proj")]
+            down = t.pop(base + "down_proj")  # [E, I, H]
+            for e in range(gu.shape[0]):
+                t[f"{base}{e}.gate_proj.weight"] = gu[e, :, :inter].t().contiguous()
+                t[f"{base}{e}.up_proj.weight"] = gu[e, :, inter:].t().contiguous()
+                t[f"{base}{e}.down_proj.weight"] = down[e].t().contiguous()
+
+    dst = _copy_with(tiny_model_dir, tmp_path, unfuse)
+    ref, _ = load_language_model(tiny_model_dir)
+    lm, _ = load_language_model(dst)
+    for (n, a), (_, b) in zip(ref.named_parameters(), lm.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+    def drop_one(t):
+        unfuse(t)
+        t.pop("model.language_model.layers.0.mlp.experts.3.up_proj.weight")
+
+    with pytest.raises(CheckpointError, match=r"missing \['model.layers.0.mlp.experts.gate_up_proj'\]"):
+        load_language_model(_copy_with(tiny_model_dir, tmp_path / "b", drop_one))
