@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 import httpx
 
 from encode_server.protocol import CONTENT_TYPE, EncodeRequest, EncodeResponse, decode_response, encode
+from language_server.mm.base import EncoderUnavailable  # noqa: F401 - one type across providers
 
 log = logging.getLogger(__name__)
-
-
-class EncoderUnavailable(RuntimeError):
-    """No healthy encoder could encode the request within the allowed attempts (-> 503)."""
 
 
 class EncodeRejected(ValueError):
@@ -42,8 +39,14 @@ class EncoderState:
 
 
 class EncoderPool:
-    def __init__(self, urls: list[str], timeout_s: float = 60.0, health_interval_s: float = 2.0,
-                 max_attempts: int = 3, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        timeout_s: float = 60.0,
+        health_interval_s: float = 2.0,
+        max_attempts: int = 3,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.encoders: dict[str, EncoderState] = {}
         self.set_urls(urls)
         self.timeout_s, self.health_interval_s, self.max_attempts = timeout_s, health_interval_s, max_attempts
@@ -99,13 +102,18 @@ class EncoderPool:
         except httpx.HTTPError as exc:
             ok, err = False, f"{type(exc).__name__}: {exc}"
         if ok != e.healthy:
-            log.warning("encoder %s is now %s%s", e.url, "healthy" if ok else "unhealthy", f" ({err})" if err else "")
+            log.warning(
+                "encoder %s is now %s%s", e.url, "healthy" if ok else "unhealthy", f" ({err})" if err else ""
+            )
         e.healthy, e.last_probe = ok, time.monotonic()
         if err:
             e.last_error = err
 
-    async def encode(self, make_request: Callable[[int], Awaitable[EncodeRequest]],
-                     on_failed_attempt: Callable[[EncodeRequest], Awaitable[None]]) -> EncodeResponse:
+    async def encode(
+        self,
+        make_request: Callable[[int], Awaitable[EncodeRequest]],
+        on_failed_attempt: Callable[[EncodeRequest], Awaitable[None]],
+    ) -> EncodeResponse:
         """Try healthy encoders (least loaded first) up to `max_attempts` times.
 
         `make_request(attempt)` builds a fresh request (fresh room) per attempt; `on_failed_attempt`
@@ -139,19 +147,36 @@ class EncoderPool:
             enc.last_error = err
             if resp is None or resp.status == "error":
                 enc.healthy = False  # out of rotation until a probe says otherwise
-            log.warning("encode attempt %d failed (%s); %s", attempt + 1, err,
-                        "retrying" if attempt + 1 < self.max_attempts else "giving up")
+            log.warning(
+                "encode attempt %d failed (%s); %s",
+                attempt + 1,
+                err,
+                "retrying" if attempt + 1 < self.max_attempts else "giving up",
+            )
             await on_failed_attempt(req)
         detail = "; ".join(errors) if errors else "no healthy encode server"
         raise EncoderUnavailable(f"image encoding unavailable: {detail}")
 
     async def _post(self, enc: EncoderState, req: EncodeRequest) -> EncodeResponse:
-        r = await self._client.post(f"{enc.url}/v1/encode", content=encode(req),
-                                    headers={"content-type": CONTENT_TYPE}, timeout=req.deadline_s + 5)
+        r = await self._client.post(
+            f"{enc.url}/v1/encode",
+            content=encode(req),
+            headers={"content-type": CONTENT_TYPE},
+            timeout=req.deadline_s + 5,
+        )
         if r.headers.get("content-type", "").startswith(CONTENT_TYPE):
             return decode_response(r.content)
         raise ValueError(f"unexpected reply HTTP {r.status_code}: {r.text[:200]}")
 
     def snapshot(self) -> list[dict]:
-        return [{"url": e.url, "healthy": e.healthy, "inflight": e.inflight, "served": e.served,
-                 "failures": e.failures, "last_error": e.last_error} for e in self.encoders.values()]
+        return [
+            {
+                "url": e.url,
+                "healthy": e.healthy,
+                "inflight": e.inflight,
+                "served": e.served,
+                "failures": e.failures,
+                "last_error": e.last_error,
+            }
+            for e in self.encoders.values()
+        ]

@@ -1,0 +1,107 @@
+"""The FastAPI app: routes, API-key check, body-size limit, JSON parsing and error rendering.
+
+Endpoint logic is in `serving.py`; building the engine and provider is `language_server.server`.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from language_server.api import protocol as P
+from language_server.api.errors import APIError, bad_request, from_validation
+from language_server.api.serving import Serving
+
+
+def build_app(serving: Serving, settings, debug_info=None) -> FastAPI:
+    app = FastAPI(title="deepsplit language server", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            if header != f"Bearer {settings.api_key}":
+                return APIError(
+                    401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key"
+                ).response()
+        return await call_next(request)
+
+    async def read_json(request: Request, model: type) -> object:
+        limit = settings.max_request_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise APIError(
+                413, f"request body of {length} bytes exceeds the limit of {limit}", code="too_large"
+            )
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad_request(f"request body is not valid JSON: {e}", code="invalid_json") from None
+        if not isinstance(data, dict):
+            raise bad_request("request body must be a JSON object", code="invalid_json")
+        try:
+            return model.model_validate(data)
+        except ValidationError as e:
+            raise from_validation(e) from None
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await serving.chat(request, await read_json(request, P.ChatCompletionRequest))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await serving.completion(request, await read_json(request, P.CompletionRequest))
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": settings.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "deepsplit",
+                    "max_model_len": serving.max_model_len,
+                }
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = serving.engine.alive
+        return JSONResponse({"status": "ok" if ok else "engine dead"}, status_code=200 if ok else 503)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok = serving.engine.alive
+        return JSONResponse({"ready": ok, **serving.engine.stats()}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(serving.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    if settings.debug_endpoints:
+
+        @app.get("/debug/engine")
+        async def debug() -> dict:
+            return {**serving.engine.stats(), **(debug_info() if debug_info else {})}
+
+    return app

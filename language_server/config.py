@@ -1,0 +1,56 @@
+"""Settings of one language server (configs/language.yaml documents each); frozen, validated at start.
+
+Loaded by `deepsplit.settings.load_settings` (YAML -> env DEEPSPLIT_LANGUAGE_* -> CLI flags). Derived
+values are properties. It knows nothing of how the engine or the HTTP app use them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class LanguageSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="checkpoint directory (text weights + lm_head are loaded)")
+    served_model_name: str | None = Field(
+        None, description="name clients send as `model` (default: dir name)"
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(30000, ge=0, le=65535)
+    api_key: str | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
+    mode: Literal["monolithic", "disaggregated"] = "monolithic"
+    encoder_urls: list[str] = Field(default_factory=list, description="encode servers (disaggregated mode)")
+    dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
+    # KV cache
+    block_size: int = Field(16, ge=1, le=1024)
+    kv_cache_bytes: int = Field(256 * 2**20, ge=2**16, description="memory for the paged KV cache")
+    max_model_len: int | None = Field(None, ge=16, description="prompt + output limit (default: the model's)")
+    # scheduling
+    max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
+    max_num_batched_tokens: int = Field(1024, ge=16, description="token budget of one engine step")
+    max_waiting_requests: int = Field(256, ge=1, description="queued requests beyond this get 429")
+    # requests
+    default_max_tokens: int = Field(256, ge=1)
+    max_images_per_request: int = Field(8, ge=0)
+    max_request_bytes: int = Field(32 * 2**20, ge=1024, description="larger bodies get 413")
+    max_image_bytes: int = Field(20 * 2**20, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1, description="decoded size limit (decompression bombs)")
+    allow_http_images: bool = False
+    max_pixels: int | None = Field(None, ge=1024, description="image resize budget (default: checkpoint's)")
+    # monolithic vision
+    vision_max_batch_patches: int = Field(16384, ge=1)
+    vision_cache_bytes: int = Field(64 * 2**20, ge=0)
+    encode_timeout_s: float = Field(120.0, gt=0)
+    # debugging
+    debug_endpoints: bool = Field(False, description="expose GET /debug/engine (scheduler state)")
+    log_level: str = "info"
+
+    @property
+    def model_name(self) -> str:
+        from pathlib import Path
+
+        return self.served_model_name or Path(self.model).resolve().name

@@ -1,0 +1,208 @@
+"""The engine loop: one thread running `schedule -> run -> postprocess` while there is work.
+
+Other threads (the asyncio HTTP side) only call the thread-safe `add`, `inputs_ready`,
+`inputs_failed` and `abort`, which enqueue commands; results come back through each request's
+`sink` callable, invoked on the engine thread (the caller hops it to its own loop). It decides when
+a request ends (EOS, stop ids/strings, max_tokens) and frees everything it held.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from language_server.engine.detokenizer import Detokenizer
+from language_server.engine.runner import ModelRunner
+from language_server.engine.scheduler import Scheduler, SchedulerOutput
+from language_server.engine.sequence import Sequence, Status
+from language_server.mm.base import MultimodalInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    text: str = ""  # new text since the previous output
+    token_ids: tuple[int, ...] = ()
+    finished: bool = False
+    finish_reason: str | None = None  # stop | length | abort | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    error_status: int = 400  # HTTP status the error maps to
+
+
+Sink = Callable[[RequestOutput], None]
+
+
+class Engine:
+    def __init__(
+        self, runner: ModelRunner, scheduler: Scheduler, tokenizer, eos_ids: tuple[int, ...]
+    ) -> None:
+        self.runner, self.scheduler, self.tokenizer = runner, scheduler, tokenizer
+        self.eos_ids = frozenset(eos_ids)
+        self._cmds: queue.Queue = queue.Queue()
+        self._seqs: dict[str, tuple[Sequence, Sink, Detokenizer]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.steps = 0
+        self.on_step: Callable[[SchedulerOutput, float], None] | None = None  # metrics hook
+        self.error: BaseException | None = None
+
+    # -- thread-safe API ----------------------------------------------------------------------
+    def add(self, seq: Sequence, sink: Sink) -> None:
+        self._cmds.put(("add", seq, sink))
+
+    def inputs_ready(self, seq_id: str, inputs: MultimodalInputs) -> None:
+        self._cmds.put(("ready", seq_id, inputs))
+
+    def inputs_failed(self, seq_id: str, message: str) -> None:
+        self._cmds.put(("failed", seq_id, message))
+
+    def abort(self, seq_id: str) -> None:
+        self._cmds.put(("abort", seq_id, None))
+
+    def start(self, threads: int = 0) -> None:
+        def main() -> None:
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                with torch.inference_mode():
+                    self._loop()
+            except BaseException as e:  # a bug: make it visible via /health rather than hang silently
+                self.error = e
+                log.exception("engine loop died")
+                self._fail_all(f"engine failure: {e}")
+
+        self._thread = threading.Thread(target=main, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(("wake", None, None))
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            block = not self.scheduler.has_work
+            self._drain(block)
+            if self.scheduler.has_work:
+                self.step()
+
+    def _drain(self, block: bool) -> None:
+        try:
+            cmd = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*cmd)
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, a, b) -> None:
+        if kind == "add":
+            seq, sink = a, b
+            self._seqs[seq.id] = (seq, sink, Detokenizer(self.tokenizer, seq.params.stop))
+            try:
+                self.scheduler.add(seq)
+            except ValueError as e:
+                self._end(seq.id, "error", str(e))
+        elif kind == "ready":
+            entry = self._seqs.get(a)
+            if entry is None or entry[0].status is not Status.WAITING_FOR_EMBEDDINGS:
+                b.release()  # aborted meanwhile: free the rows now
+                return
+            try:
+                self.runner.add_vision(a, b)
+                self.scheduler.inputs_ready(a, b.fill_ids.tolist(), b.mrope_delta)
+            except ValueError as e:
+                b.release()
+                self._end(a, "error", str(e))
+        elif kind == "failed":
+            if a in self._seqs:
+                self._end(a, "error", b)
+        elif kind == "abort":
+            if a in self._seqs:
+                self._end(a, "abort")
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        tokens = self.runner.run(out) if out.scheduled else {}
+        self.scheduler.commit(out)
+        for s in out.scheduled:
+            if s.samples and s.seq.id in tokens:
+                self._append(s.seq, tokens[s.seq.id])
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(out, time.perf_counter() - t0)
+
+    def _append(self, seq: Sequence, tok: int) -> None:
+        _, sink, detok = self._seqs[seq.id]
+        seq.output_ids.append(tok)
+        p = seq.params
+        reason, text = None, ""
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+        else:
+            text, hit = detok.add(tok)
+            if hit:
+                reason = "stop"
+            elif len(seq.output_ids) >= p.max_tokens:
+                reason = "length"
+        if reason is None:
+            sink(
+                RequestOutput(
+                    seq.id, text, (tok,), prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids)
+                )
+            )
+        else:
+            self._end(seq.id, reason, None, text, (tok,))
+
+    def _end(
+        self, seq_id: str, reason: str, error: str | None = None, text: str = "", toks=(), status: int = 400
+    ) -> None:
+        seq, sink, detok = self._seqs.pop(seq_id)
+        self.scheduler.finish(seq, reason)
+        self.runner.release(seq_id)
+        if reason in ("stop", "length"):
+            text += detok.flush()  # held-back text can no longer start a stop string
+        sink(
+            RequestOutput(
+                seq.id, text, tuple(toks), True, reason, seq.num_prompt, len(seq.output_ids), error, status
+            )
+        )
+
+    def _fail_all(self, message: str) -> None:
+        for seq_id in list(self._seqs):
+            try:
+                self._end(seq_id, "error", message, status=500)
+            except Exception:  # noqa: BLE001 - best effort while dying
+                self._seqs.pop(seq_id, None)
+
+    def stats(self) -> dict[str, int]:
+        s = self.scheduler
+        return {
+            "waiting_for_embeddings": len(s.pending),
+            "waiting": len(s.waiting),
+            "running": len(s.running),
+            "kv_blocks_used": s.blocks.num_used,
+            "kv_blocks_total": s.blocks.num_blocks,
+            "preemptions": s.num_preemptions,
+            "steps": self.steps,
+        }

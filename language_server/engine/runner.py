@@ -1,0 +1,161 @@
+"""Owns the tensors: the language model, the paged KV cache, each request's vision rows and RNG.
+
+`run(out)` turns the scheduler's plan into ONE flattened forward (prefill chunks and decodes of many
+sequences together), scatters vision rows and deepstack into the chunks that cover image pads, and
+samples the next token of every sequence whose chunk reached its end. It frees a request's receive
+buffer (`MultimodalInputs.release`) once prefill has read all its rows. No scheduling decisions here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from deepsplit.model.attention import AttentionMetadata, PagedKVCache
+from language_server.engine.sampler import RowParams, sample
+from language_server.engine.scheduler import SchedulerOutput
+from language_server.mm.base import MultimodalInputs
+
+
+@dataclass
+class _Vision:
+    inputs: MultimodalInputs
+    rows_before: torch.Tensor  # [N + 1] long: vision rows among prompt tokens [0, i)
+    is_image: torch.Tensor  # [N] bool
+
+
+class ModelRunner:
+    def __init__(self, lm, cfg, num_blocks: int, block_size: int) -> None:
+        t = cfg.text
+        self.lm, self.cfg, self.block_size = lm, cfg, block_size
+        self.dtype = lm.lm_head.weight.dtype
+        self.hidden = t.hidden_size
+        self.kv = PagedKVCache(
+            t.num_hidden_layers, num_blocks, block_size, t.num_key_value_heads, t.head_dim, dtype=self.dtype
+        )
+        self._vision: dict[str, _Vision] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self.last_step_s = 0.0
+
+    @staticmethod
+    def blocks_for_bytes(cfg, nbytes: int, block_size: int, dtype: torch.dtype) -> int:
+        t = cfg.text
+        per = PagedKVCache.bytes_per_block(
+            t.num_hidden_layers, block_size, t.num_key_value_heads, t.head_dim, dtype
+        )
+        return nbytes // per
+
+    # -- per-request tensors ------------------------------------------------------------------
+    def add_vision(self, seq_id: str, inputs: MultimodalInputs) -> None:
+        is_image = inputs.fill_ids == self.cfg.image_token_id
+        before = torch.zeros(len(is_image) + 1, dtype=torch.long)
+        torch.cumsum(is_image.long(), 0, out=before[1:])
+        if int(before[-1]) != inputs.embeddings.shape[0]:
+            raise ValueError(f"{int(before[-1])} image pads but {inputs.embeddings.shape[0]} vision rows")
+        self._vision[seq_id] = _Vision(inputs, before, is_image)
+
+    def release(self, seq_id: str) -> None:
+        """The request finished or was aborted: drop its tensors and free its receive buffer."""
+        v = self._vision.pop(seq_id, None)
+        if v is not None:
+            v.inputs.release()
+        self._generators.pop(seq_id, None)
+
+    # -- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> dict[str, int]:
+        t0 = time.perf_counter()
+        bs = self.block_size
+        ids, pos, slots, vis_parts, sample_rows, sample_seqs = [], [], [], [], [], []
+        qlens, clens, tables = [], [], []
+        row = 0
+        for s in out.scheduled:
+            seq, a, n = s.seq, s.start, s.num_tokens
+            b = a + n
+            ids.extend(seq.token_ids(a, b))
+            pos.append(self._positions(seq, a, b))
+            table = torch.tensor(seq.block_ids, dtype=torch.long)
+            p = torch.arange(a, b)
+            slots.append(table[p // bs] * bs + p % bs)
+            tables.append(table)
+            qlens.append(n)
+            clens.append(a)
+            v = self._vision.get(seq.id)
+            if (
+                v is not None
+                and a < v.is_image.numel()
+                and int(v.rows_before[min(b, v.is_image.numel())]) > int(v.rows_before[a])
+            ):
+                vis_parts.append((row, a, b, v))
+            if s.samples:
+                sample_rows.append(row + n - 1)
+                sample_seqs.append(seq)
+            row += n
+        width = max(len(t) for t in tables)
+        block_tables = torch.zeros(len(tables), width, dtype=torch.long)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = t
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        meta = AttentionMetadata(qlens, clens, torch.cat(slots), block_tables)
+        emb, ds = self._vision_inputs(ids_t, vis_parts)
+        hidden = self.lm(ids_t, torch.cat(pos, dim=1), meta, self.kv, emb, ds)
+        self._release_consumed(vis_parts)
+        result: dict[str, int] = {}
+        if sample_rows:
+            logits = self.lm.compute_logits(hidden[torch.tensor(sample_rows)])
+            toks = sample(logits, [self._row_params(seq) for seq in sample_seqs])
+            result = {seq.id: t for seq, t in zip(sample_seqs, toks, strict=True)}
+        self.last_step_s = time.perf_counter() - t0
+        return result
+
+    def _positions(self, seq, a: int, b: int) -> torch.Tensor:
+        """[3, b - a] M-RoPE positions of tokens [a, b): the prompt's own, then index + delta."""
+        v = self._vision.get(seq.id)
+        if v is None:
+            return torch.arange(a + seq.mrope_delta, b + seq.mrope_delta).expand(3, -1)
+        n = v.is_image.numel()
+        parts = []
+        if a < n:
+            parts.append(v.inputs.positions[:, a : min(b, n)])
+        if b > n:
+            s = max(a, n)
+            parts.append(torch.arange(s + seq.mrope_delta, b + seq.mrope_delta).expand(3, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def _vision_inputs(self, ids: torch.Tensor, parts) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Embeddings [T, H] with vision rows scattered in, and deepstack [T, n_ds*H] (zero on text)."""
+        if not parts:
+            return None, None
+        emb = self.lm.model.embed_tokens(ids)
+        ds = emb.new_zeros(ids.numel(), parts[0][3].inputs.deepstack.shape[1])
+        for row, a, b, v in parts:
+            n = v.is_image.numel()
+            e = min(b, n)
+            local = torch.nonzero(v.is_image[a:e]).squeeze(1) + row  # [r] step rows of the pads
+            r0, r1 = int(v.rows_before[a]), int(v.rows_before[e])
+            emb[local] = v.inputs.embeddings[r0:r1].to(emb.dtype)
+            ds[local] = v.inputs.deepstack[r0:r1].to(ds.dtype)
+        return emb, ds
+
+    def _release_consumed(self, parts) -> None:
+        """Prefill read the last vision row: keep a private copy (for recompute) and free the buffer."""
+        for _, _, b, v in parts:
+            if v.inputs.on_consumed is not None and int(v.rows_before[min(b, v.is_image.numel())]) == int(
+                v.rows_before[-1]
+            ):
+                v.inputs.embeddings = v.inputs.embeddings.clone()
+                v.inputs.deepstack = v.inputs.deepstack.clone()
+                v.inputs.release()
+
+    def _row_params(self, seq) -> RowParams:
+        p = seq.params
+        if p.greedy:
+            return RowParams(0.0)
+        gen = None
+        if p.seed is not None:
+            gen = self._generators.get(seq.id)
+            if gen is None:
+                gen = self._generators[seq.id] = torch.Generator().manual_seed(p.seed)
+        return RowParams(p.temperature, p.top_p, p.top_k, gen)

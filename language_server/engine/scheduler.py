@@ -1,0 +1,146 @@
+"""Decides, each engine step, which sequences run and how many of their tokens: pure bookkeeping.
+
+States: waiting-for-embeddings -> waiting -> running -> finished. Running sequences go first
+(oldest first: one decode token, or the next chunk of a long prompt), then waiting prompts are
+admitted FCFS while the step's token budget, `max_num_seqs` and free KV blocks allow. A prompt is
+admitted only when blocks for all its tokens are free; when a decode needs a block and none is
+free, the newest running sequence is preempted (blocks freed, recomputed later). No tensors here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from language_server.engine.block_manager import BlockManager
+from language_server.engine.sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first token index computed this step (= tokens already cached)
+    num_tokens: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the end of the known tokens, so its last row yields the next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, watermark: float = 0.01
+    ) -> None:
+        self.blocks = blocks
+        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+        self.watermark_blocks = int(watermark * blocks.num_blocks)
+        self.pending: dict[str, Sequence] = {}  # waiting for embeddings
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+    def capacity_tokens(self) -> int:
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def add(self, seq: Sequence) -> None:
+        if seq.status is Status.WAITING_FOR_EMBEDDINGS:
+            self.pending[seq.id] = seq
+            return
+        self._check_fits(seq)
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def inputs_ready(self, seq_id: str, prompt_ids: list[int], mrope_delta: int) -> Sequence:
+        """A pending sequence got its prompt (expanded ids) and becomes schedulable."""
+        seq = self.pending.pop(seq_id)
+        seq.prompt_ids, seq.mrope_delta = list(prompt_ids), mrope_delta
+        try:
+            self._check_fits(seq)
+        except ValueError:
+            self.finish(seq, "error")
+            raise
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+        return seq
+
+    def _check_fits(self, seq: Sequence) -> None:
+        if self.blocks.blocks_for(seq.num_tokens + 1) > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt of {seq.num_tokens} tokens does not fit the KV cache ({self.capacity_tokens()} tokens)"
+            )
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is Status.FINISHED:
+            return
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            self.pending.pop(seq.id, None)
+        self.blocks.free(seq.block_ids)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.budget
+        for seq in list(self.running):
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.grow(seq.block_ids, seq.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            if seq.status is Status.RUNNING:
+                out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids)
+            if need + self.watermark_blocks > self.blocks.num_free and self.running:
+                break
+            if not self.blocks.grow(seq.block_ids, seq.num_tokens):
+                break  # nothing running and still short: only possible with a tiny watermark slack
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq.block_ids)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        out.preempted.append(seq)
+
+    def commit(self, out: SchedulerOutput) -> None:
+        """After the runner computed the step: advance each scheduled sequence's cached-token count."""
+        for s in out.scheduled:
+            s.seq.num_computed = s.start + s.num_tokens
