@@ -48,6 +48,49 @@ def make_provider(settings: LanguageSettings) -> MultimodalProvider:
 
 
 @dataclass
+class BuiltEngine:
+    engine: object  # language_server.engine.engine.Engine (not started)
+    cfg: object  # deepsplit ModelConfig
+    preprocessor: object
+    max_model_len: int
+
+
+def build_engine(settings: LanguageSettings) -> BuiltEngine:
+    """Load the language model and wire runner + scheduler + engine; the caller starts the engine."""
+    import torch
+
+    from deepsplit.model.build import load_language_model
+    from deepsplit.model.processor import Preprocessor
+    from language_server.engine.block_manager import BlockManager
+    from language_server.engine.engine import Engine
+    from language_server.engine.runner import ModelRunner
+    from language_server.engine.scheduler import Scheduler
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    lm, cfg = load_language_model(settings.model, dtype=settings.dtype)
+    pre = Preprocessor.from_dir(settings.model, max_pixels=settings.max_pixels)
+    dtype = lm.lm_head.weight.dtype
+    num_blocks = ModelRunner.blocks_for_bytes(cfg, settings.kv_cache_bytes, settings.block_size, dtype)
+    if num_blocks < 2:
+        raise ValueError(f"kv_cache_bytes={settings.kv_cache_bytes} holds fewer than 2 blocks")
+    capacity = num_blocks * settings.block_size
+    max_len = min(settings.max_model_len or cfg.text.max_position_embeddings, capacity - 1)
+    log.info(
+        "KV cache: %d blocks x %d tokens (%d tokens); max_model_len %d",
+        num_blocks,
+        settings.block_size,
+        capacity,
+        max_len,
+    )
+    runner = ModelRunner(lm, cfg, num_blocks, settings.block_size)
+    scheduler = Scheduler(
+        BlockManager(num_blocks, settings.block_size), settings.max_num_seqs, settings.max_num_batched_tokens
+    )
+    return BuiltEngine(Engine(runner, scheduler, pre.tokenizer, cfg.eos_token_ids), cfg, pre, max_len)
+
+
+@dataclass
 class LanguageServer:
     settings: LanguageSettings
     engine: object
@@ -57,47 +100,25 @@ class LanguageServer:
 
     @classmethod
     def build(cls, settings: LanguageSettings, provider: MultimodalProvider | None = None) -> LanguageServer:
-        import torch
-
-        from deepsplit.model.build import load_language_model
-        from deepsplit.model.processor import Preprocessor
         from language_server.api.app import build_app
         from language_server.api.metrics import Metrics
         from language_server.api.serving import Serving
-        from language_server.engine.block_manager import BlockManager
-        from language_server.engine.engine import Engine
-        from language_server.engine.runner import ModelRunner
-        from language_server.engine.scheduler import Scheduler
 
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        lm, cfg = load_language_model(settings.model, dtype=settings.dtype)
-        pre = Preprocessor.from_dir(settings.model, max_pixels=settings.max_pixels)
-        dtype = lm.lm_head.weight.dtype
-        num_blocks = ModelRunner.blocks_for_bytes(cfg, settings.kv_cache_bytes, settings.block_size, dtype)
-        if num_blocks < 2:
-            raise ValueError(f"kv_cache_bytes={settings.kv_cache_bytes} holds fewer than 2 blocks")
-        capacity = num_blocks * settings.block_size
-        max_len = min(settings.max_model_len or cfg.text.max_position_embeddings, capacity - 1)
-        log.info(
-            "KV cache: %d blocks x %d tokens (%d tokens); max_model_len %d",
-            num_blocks,
-            settings.block_size,
-            capacity,
-            max_len,
-        )
-        runner = ModelRunner(lm, cfg, num_blocks, settings.block_size)
-        scheduler = Scheduler(
-            BlockManager(num_blocks, settings.block_size),
-            settings.max_num_seqs,
-            settings.max_num_batched_tokens,
-        )
-        engine = Engine(runner, scheduler, pre.tokenizer, cfg.eos_token_ids)
+        built = build_engine(settings)
+        engine = built.engine
         if provider is None:
             provider = make_provider(settings)
         metrics = Metrics(engine.stats, provider.buffer_usage if provider else (lambda: None))
         engine.on_step = lambda out, dt: metrics.step.observe(dt)
-        serving = Serving(settings, engine, pre, provider, metrics, max_len, cfg.text.vocab_size)
+        serving = Serving(
+            settings,
+            engine,
+            built.preprocessor,
+            provider,
+            metrics,
+            built.max_model_len,
+            built.cfg.text.vocab_size,
+        )
         app = build_app(serving, settings)
         server = cls(settings, engine, serving, app, provider)
         app.router.on_shutdown.append(server.aclose)

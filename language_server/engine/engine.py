@@ -145,6 +145,8 @@ class Engine:
         out = self.scheduler.schedule()
         tokens = self.runner.run(out) if out.scheduled else {}
         self.scheduler.commit(out)
+        for seq in out.finished:
+            self._end(seq.id, seq.finish_reason or "length")
         for s in out.scheduled:
             if s.samples and s.seq.id in tokens:
                 self._append(s.seq, tokens[s.seq.id])

@@ -21,17 +21,17 @@ class ScheduledSeq:
     seq: Sequence
     start: int  # first token index computed this step (= tokens already cached)
     num_tokens: int  # tokens computed this step
+    samples: bool = field(init=False)  # the chunk reaches the last known token: its last row is sampled
 
-    @property
-    def samples(self) -> bool:
-        """This chunk reaches the end of the known tokens, so its last row yields the next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.start + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    finished: list[Sequence] = field(default_factory=list)  # ended by the scheduler (cannot ever fit)
 
     @property
     def num_tokens(self) -> int:
@@ -86,7 +86,7 @@ class Scheduler:
             return
         if seq.status is Status.RUNNING:
             self.running.remove(seq)
-        elif seq.status is Status.WAITING:
+        elif seq.status is Status.WAITING and seq in self.waiting:  # not there if `add` refused it
             self.waiting.remove(seq)
         else:
             self.pending.pop(seq.id, None)
@@ -117,6 +117,10 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
+            if self.blocks.blocks_for(seq.num_tokens) > self.blocks.num_blocks:  # grew past the cache
+                self.finish(seq, "length")
+                out.finished.append(seq)
+                continue
             need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids)
             if need + self.watermark_blocks > self.blocks.num_free and self.running:
                 break

@@ -34,7 +34,7 @@ class SamplingParams:
         return self.temperature <= 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with equal fields are still two requests
 class Sequence:
     id: str
     prompt_ids: list[int]
