@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -28,15 +28,14 @@ def build_app(serving: Serving, settings, debug_info=None) -> FastAPI:
     async def _internal(_: Request, e: Exception) -> JSONResponse:
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {settings.api_key}":
-                return APIError(
-                    401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key"
-                ).response()
-        return await call_next(request)
+    async def check_key(request: Request) -> None:
+        """A dependency rather than middleware: BaseHTTPMiddleware interferes with streaming."""
+        if settings.api_key and request.headers.get("authorization", "") != f"Bearer {settings.api_key}":
+            raise APIError(
+                401, "missing or invalid API key (Authorization: Bearer ...)", code="invalid_api_key"
+            )
+
+    v1 = [Depends(check_key)]
 
     async def read_json(request: Request, model: type) -> object:
         limit = settings.max_request_bytes
@@ -61,15 +60,15 @@ def build_app(serving: Serving, settings, debug_info=None) -> FastAPI:
         except ValidationError as e:
             raise from_validation(e) from None
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=v1)
     async def chat(request: Request):
         return await serving.chat(request, await read_json(request, P.ChatCompletionRequest))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=v1)
     async def completions(request: Request):
         return await serving.completion(request, await read_json(request, P.CompletionRequest))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=v1)
     async def models() -> dict:
         return {
             "object": "list",
