@@ -27,7 +27,7 @@ class LanguageSettings(BaseModel):
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
     # KV cache
     block_size: int = Field(16, ge=1, le=1024)
-    kv_cache_bytes: int = Field(256 * 2**20, ge=2**16, description="memory for the paged KV cache")
+    kv_cache_bytes: int = Field(256 * 2**20, ge=4096, description="memory for the paged KV cache")
     max_model_len: int | None = Field(None, ge=16, description="prompt + output limit (default: the model's)")
     # scheduling
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once")

@@ -174,3 +174,28 @@ def test_prompt_that_cannot_fit_the_cache_fails_cleanly(tiny_model_dir):
         assert r.finish_reason == "length"
     finally:
         small.engine.stop()
+
+
+def test_buffer_is_freed_on_abort_while_waiting_and_on_refusal(tiny_model_dir, engine, vision):
+    msgs = image_message("What is here?", ["x"])
+    released: list = []
+    inputs = mm_inputs(vision, msgs, [make_image(64, 64, 9)], released)
+    seq = Sequence(f"r{next(_ids)}", [], greedy(4))
+    from language_server.engine.sequence import Status
+
+    seq.status = Status.WAITING_FOR_EMBEDDINGS
+    outs: list = []
+    engine.engine.add(seq, outs.append)
+    engine.engine.abort(seq.id)
+    engine.engine.inputs_ready(seq.id, inputs)  # the rows arrive after the client left
+    (r,) = run(engine, [text_ids(engine.preprocessor, "sync")], greedy(1))  # commands are handled in order
+    assert r.finish_reason == "length"
+    assert released == [1] and outs[-1].finished and outs[-1].finish_reason == "abort"
+
+    small = start_engine(tiny_model_dir, kv_cache_bytes=2 * 2 * 4 * 2 * 32 * 4 * 8, block_size=8)  # 16 tokens
+    try:
+        refused: list = []
+        (r,) = run(small, [[]], greedy(2), [mm_inputs(vision, msgs, [make_image(64, 64, 9)], refused)])
+        assert r.finish_reason == "error" and refused == [1]
+    finally:
+        small.engine.stop()
