@@ -1,0 +1,121 @@
+"""Hostile or confused peers: malformed control messages, frames for rooms a peer does not own,
+late and duplicate messages. The receiver logs, refuses, and keeps serving."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+import zmq
+
+from tests.transfer.conftest import BACKENDS, wait_until
+from tests.transfer.peer import make_payload
+from transfer import RoomFailed, descriptor_to_builtins
+from transfer import messages as m
+
+pytestmark = pytest.mark.slow
+
+
+def dealer(endpoint: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def answer(sock: zmq.Socket, timeout_ms: int = 3000):
+    assert sock.poll(timeout_ms), "no answer"
+    return m.decode(sock.recv())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_is_rejected_and_the_receiver_keeps_serving(backend, make_receiver, sender, caplog):
+    rx = make_receiver(backend)
+    s = dealer(rx.control)
+    s.send(b"\xff\x00 not msgpack")
+    s.send(
+        msgspec.msgpack.encode({"t": "begin", "v": 99, "room": "x", "receiver_id": rx.id, "total_rows": 1})
+    )
+    s.send(msgspec.msgpack.encode({"t": "explode", "room": "x"}))
+    s.send(msgspec.msgpack.encode({"t": "begin", "room": "x", "receiver_id": rx.id, "total_rows": "many"}))
+    s.send_multipart([b"", b""])
+    wait_until(
+        lambda: sum("rejected control message" in r.message for r in caplog.records) >= 4,
+        what="four rejections logged",
+    )
+    desc = rx.open_room(20)
+    status, info = sender.send(descriptor_to_builtins(desc), 2, (20, 8, 64, 3, "float32"))
+    assert status == "ok", info
+    rx.wait_room(desc.room, 5).release()
+    s.close()
+
+
+def test_data_outside_the_room_fails_it_and_writes_nothing(make_receiver):
+    rx = make_receiver("zmq")
+    a, b = rx.open_room(16), rx.open_room(16)
+    s = dealer(rx.control)
+    s.send(m.encode(m.Begin(room=a.room, receiver_id=rx.id, total_rows=16)))
+    assert isinstance(answer(s), m.Ready)
+    rb = rx.buffers.row_bytes("embeddings")
+    before = rx.buffers.embeddings[b.block_ids[0] * 16].clone()
+    hdr = m.Data(room=a.room, buffer="embeddings", offset=b.block_ids[0] * 16 * rb, nbytes=rb)
+    s.send_multipart([m.encode(hdr), b"\x01" * rb])  # into b's block
+    reply = answer(s)
+    assert isinstance(reply, m.Ack) and not reply.ok and "not this room's" in reply.reason
+    assert (rx.buffers.embeddings[b.block_ids[0] * 16] == before).all()
+    with pytest.raises(RoomFailed):
+        rx.wait_room(a.room, 1)
+    assert rx.rooms.get(b.room) is not None  # the other room is untouched
+    s.close()
+
+
+def test_data_for_unknown_room_and_oversized_frame(make_receiver):
+    rx = make_receiver("zmq")
+    d = rx.open_room(16)
+    s = dealer(rx.control)
+    s.send_multipart([m.encode(m.Data(room="nope", buffer="fill_ids", offset=0, nbytes=4)), b"\0" * 4])
+    s.send(m.encode(m.Begin(room=d.room, receiver_id=rx.id, total_rows=16)))
+    assert isinstance(answer(s), m.Ready)
+    off = d.block_ids[0] * 16 * 4
+    s.send_multipart([m.encode(m.Data(room=d.room, buffer="fill_ids", offset=off, nbytes=8)), b"\0" * 64])
+    reply = answer(s)
+    assert not reply.ok and "announced as 8" in reply.reason
+    wait_until(lambda: rx.stats()["blocks_used"] == 0, what="blocks freed")
+    s.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_late_and_duplicate_messages_are_ignored(backend, make_receiver, sender):
+    rx = make_receiver(backend)
+    desc = rx.open_room(30)
+    status, _ = sender.send(descriptor_to_builtins(desc), 4, (30, 10, 64, 3, "float32"))
+    assert status == "ok"
+    got = rx.wait_room(desc.room, 5)
+    s = dealer(rx.control)
+    s.send(
+        m.encode(m.Done(room=desc.room, total_rows=1, vision_rows=0, mrope_delta=0, num_images=0, checksum=0))
+    )
+    s.send(m.encode(m.Begin(room=desc.room, receiver_id=rx.id, total_rows=30)))
+    assert not answer(s).ok and not answer(s).ok
+    got.release()
+    s.send(m.encode(m.Partial(room=desc.room, total_rows=99, sent_rows=16)))
+    reply = answer(s)
+    assert not reply.ok and "released" in reply.reason
+    want = make_payload(4, 30, 10, 64, 3, "float32")
+    assert rx.stats()["blocks_used"] == 0 and want.total_rows == 30
+    s.close()
+
+
+def test_done_without_rows_is_a_torn_write(make_receiver):
+    rx = make_receiver("zmq")
+    d = rx.open_room(16)
+    s = dealer(rx.control)
+    s.send(m.encode(m.Begin(room=d.room, receiver_id=rx.id, total_rows=16)))
+    assert isinstance(answer(s), m.Ready)
+    s.send(
+        m.encode(m.Done(room=d.room, total_rows=16, vision_rows=4, mrope_delta=0, num_images=1, checksum=5))
+    )
+    reply = answer(s)
+    assert not reply.ok and "torn or stale" in reply.reason
+    with pytest.raises(RoomFailed, match="torn"):
+        rx.wait_room(d.room, 1)
+    s.close()

@@ -1,0 +1,85 @@
+"""Unit tests of the pieces without sockets: allocator, row runs, buffer reads, messages, aux."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from transfer import BlockAllocator, BufferSpec, MultimodalDataBuffers, PoolExhausted
+from transfer import messages as m
+from transfer.buffers import Run, runs
+from transfer.payload import AuxRecord
+
+
+def test_allocator_prefers_consecutive_runs_and_extension():
+    a = BlockAllocator(10)
+    x = a.try_alloc(3)
+    y = a.try_alloc(2)
+    assert x == [0, 1, 2] and y == [3, 4]
+    a.free([1])
+    assert a.try_alloc(2) == [5, 6]  # a run, not the hole at 1
+    assert a.try_alloc(1, after=6) == [7]
+    assert a.try_alloc(4) is None and a.num_free == 3
+    assert sorted(a.try_alloc(3)) == [1, 8, 9]  # no run of 3 left: any blocks
+
+
+def test_allocator_double_free_and_range():
+    a = BlockAllocator(4)
+    got = a.try_alloc(2)
+    a.free(got)
+    with pytest.raises(ValueError, match="twice"):
+        a.free([got[0]])
+    with pytest.raises(ValueError, match="outside"):
+        a.free([9])
+
+
+def test_allocator_waits_bounded_and_wakes_on_free():
+    a = BlockAllocator(2)
+    held = a.try_alloc(2)
+    with pytest.raises(PoolExhausted):
+        a.alloc(1, timeout_s=0.05)
+    with pytest.raises(PoolExhausted, match="in all"):
+        a.alloc(3, timeout_s=5)
+    threading.Timer(0.1, a.free, args=(held,)).start()
+    t = time.monotonic()
+    assert len(a.alloc(2, timeout_s=5)) == 2 and time.monotonic() - t < 4
+
+
+def test_runs_merge_consecutive_blocks():
+    assert runs([4, 5, 9], 8, 0, 20) == [Run(0, 32, 16), Run(16, 72, 4)]
+    assert runs([4, 5, 9], 8, 10, 17) == [Run(10, 42, 6), Run(16, 72, 1)]
+    assert runs([2], 8, 3, 3) == []
+
+
+def test_read_gives_views_for_consecutive_blocks_and_copies_otherwise():
+    spec = BufferSpec(hidden=4, num_deepstack=2, block_size=2, num_blocks=8)
+    b = MultimodalDataBuffers(spec)
+    b.fill_ids.copy_(torch.arange(16))
+    b.embeddings.copy_(torch.arange(16).float()[:, None].expand(16, 4))
+    r = b.read([2, 3], total_rows=3, vision_rows=2)
+    assert r["fill_ids"].tolist() == [4, 5, 6] and r["fill_ids"].data_ptr() == b.fill_ids[4:].data_ptr()
+    r = b.read([5, 1], total_rows=4, vision_rows=3)
+    assert r["fill_ids"].tolist() == [10, 11, 2, 3] and r["embeddings"][:, 0].tolist() == [10, 11, 2]
+    assert r["deepstack"].shape == (3, 8)
+    with pytest.raises(ValueError, match="outside"):
+        b.byte_view("fill_ids", 60, 8)
+
+
+def test_messages_roundtrip_and_validation():
+    msg = m.Resume(room="r", block_ids=[1, 2], sent_rows=16)
+    assert m.decode(m.encode(msg)) == msg
+    with pytest.raises(m.BadMessage, match="version"):
+        m.decode(m.encode(m.Ack(room="r", ok=True, v=2)))
+    with pytest.raises(m.BadMessage):
+        m.decode(b"\x93\x01\x02")
+    with pytest.raises(m.BadMessage, match="descriptor"):
+        m.descriptor_from_builtins({"room": "r"})
+
+
+def test_aux_record_pack_unpack():
+    rec = AuxRecord(room_tag=-5, total_rows=10, vision_rows=4, mrope_delta=-3, num_images=1, checksum=77)
+    assert AuxRecord.unpack(rec.pack()) == rec
+    assert AuxRecord.unpack(torch.zeros(16, dtype=torch.int32)) is None

@@ -1,0 +1,48 @@
+"""The backend interface: how a sender's row ranges reach the receiver's registered blocks.
+
+A sender backend gets a list of `Write`s (buffer, byte offset in that buffer, source bytes) plus the
+room's control connection, and returns once the bytes are in place or raises `TransferError`.
+A receiver backend registers the pool and says how senders reach it (`session`, addresses) and
+whether data arrives as frames on the control socket (zmq) or out of band (Mooncake).
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+
+class TransferError(RuntimeError):
+    """Bytes could not be moved (peer gone, engine error, deadline)."""
+
+
+@dataclass(frozen=True)
+class Write:
+    buffer: str  # embeddings | fill_ids | mrope | deepstack | aux
+    offset: int  # byte offset in the receiver's buffer region
+    src: torch.Tensor  # contiguous uint8 source bytes
+
+
+class SenderBackend(abc.ABC):
+    name: str
+
+    @abc.abstractmethod
+    def write(self, conn, desc, room: str, writes: list[Write]) -> None:
+        """Put every write's bytes into the receiver's region; `conn` is the room's control link."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class ReceiverBackend(abc.ABC):
+    name: str
+    data_on_control: bool  # True: Data frames arrive on the control socket
+
+    @abc.abstractmethod
+    def register(self, regions: dict[str, tuple[int, int]]) -> tuple[str, dict[str, int]]:
+        """Register the pool once; returns (session for senders, name -> address to write at)."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        pass

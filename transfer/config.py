@@ -1,0 +1,83 @@
+"""Settings of the data plane: the receive pool's shape and the transfer endpoints.
+
+`BufferSpec` fixes the five buffers' geometry (it must match the model: hidden size, deepstack
+layers, dtype); `ReceiverSettings` and `SenderSettings` say where control and data flow. Frozen and
+validated; the servers build them from their own YAML settings. Nothing here allocates.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Backend = Literal["mooncake", "zmq"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported buffer dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+class BufferSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden: int = Field(ge=1, description="text hidden size: one vision row is `hidden` values")
+    num_deepstack: int = Field(ge=0, description="deepstack layers: a deepstack row is hidden * this")
+    dtype: str = "float32"
+    block_size: int = Field(256, ge=1, description="rows per block")
+    num_blocks: int = Field(64, ge=1, description="blocks in the pool")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype)
+
+    @property
+    def num_rows(self) -> int:
+        return self.block_size * self.num_blocks
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one token row occupies across the five buffers (aux is per block)."""
+        es = torch.empty((), dtype=self.torch_dtype).element_size()
+        return self.hidden * es * (1 + self.num_deepstack) + 4 + 12
+
+    @classmethod
+    def for_budget(cls, hidden: int, num_deepstack: int, dtype: str, block_size: int, pool_bytes: int):
+        """As many blocks as `pool_bytes` holds (at least one)."""
+        probe = cls(
+            hidden=hidden, num_deepstack=num_deepstack, dtype=dtype, block_size=block_size, num_blocks=1
+        )
+        n = max(1, pool_bytes // (probe.row_bytes * block_size))
+        return probe.model_copy(update={"num_blocks": n})
+
+
+class ReceiverSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Backend = "zmq"
+    host: str = Field("127.0.0.1", description="address senders reach this node at (control + data)")
+    control_port: int = Field(0, ge=0, le=65535, description="ZMQ control/data port (0: pick a free one)")
+    mooncake_protocol: str = Field("tcp", description="tcp | rdma")
+    mooncake_device: str = Field("", description="RDMA device names, e.g. mlx5_0 (empty for tcp)")
+    room_ttl_s: float = Field(60.0, gt=0, description="a room not done within this is failed and freed")
+    grow_on_begin: bool = Field(
+        True, description="grow a room at the handshake when the sender announces more rows (saves a resume)"
+    )
+    checksum: Literal["meta", "full"] = Field(
+        "meta", description="meta: ids+positions crc32 and lengths; full: also every vision/deepstack byte"
+    )
+
+
+class SenderSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address this node's Mooncake engine binds/advertises")
+    mooncake_protocol: str = "tcp"
+    mooncake_device: str = ""
+    connect_timeout_s: float = Field(5.0, gt=0, description="wait for the receiver's first answer")
+    max_idle_sockets: int = Field(8, ge=0, description="pooled control connections kept per receiver")

@@ -1,0 +1,345 @@
+"""TransferReceiver: the language node's end of the data plane.
+
+It owns the `MultimodalDataBuffers`, registers them with the chosen backend, and runs one control
+thread on a ZMQ ROUTER socket that answers senders (handshake, resume, done), receives ZMQ data
+frames straight into the blocks, and fails rooms whose deadline passed. API threads call
+`open_room` (descriptor for an encoder), `future`/`wait_room` (the rows), `release` and `abort`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import torch
+import zmq
+
+from transfer import messages as m
+from transfer.allocator import BlockAllocator
+from transfer.backends import receiver_backend
+from transfer.buffers import NAMES, MultimodalDataBuffers
+from transfer.config import BufferSpec, ReceiverSettings
+from transfer.payload import AuxRecord, checksum, room_tag
+from transfer.rooms import Room, RoomFailed, RoomTable, State
+
+log = logging.getLogger(__name__)
+__all__ = ["ReceivedRoom", "RoomFailed", "TransferReceiver"]
+
+
+@dataclass
+class ReceivedRoom:
+    room: str
+    fill_ids: torch.Tensor  # [N] int32 (view into the pool when its blocks are consecutive)
+    positions: torch.Tensor  # [3, N] int32
+    embeddings: torch.Tensor  # [V, H]
+    deepstack: torch.Tensor  # [V, n_ds * H]
+    mrope_delta: int
+    num_images: int
+    _receiver: TransferReceiver | None = None
+
+    def release(self) -> None:
+        """Give the blocks back (after prefill consumed the rows); idempotent."""
+        r, self._receiver = self._receiver, None
+        if r is not None:
+            r.release(self.room)
+
+
+class TransferReceiver:
+    def __init__(
+        self, spec: BufferSpec, settings: ReceiverSettings, quarantine_s: float | None = None
+    ) -> None:
+        self.spec, self.settings = spec, settings
+        self.id = uuid.uuid4().hex
+        self.buffers = MultimodalDataBuffers(spec)
+        self.allocator = BlockAllocator(spec.num_blocks)
+        self.rooms = RoomTable(self.allocator, settings.room_ttl_s if quarantine_s is None else quarantine_s)
+        self.backend = receiver_backend(settings.backend, settings)
+        self.session, addrs = self.backend.register(self.buffers.regions())
+        self._addrs = {n: m.BufferAddr(addr=addrs[n], row_bytes=self.buffers.row_bytes(n)) for n in NAMES}
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if settings.control_port:
+            self._sock.bind(f"tcp://{settings.host}:{settings.control_port}")
+            self.control = f"tcp://{settings.host}:{settings.control_port}"
+        else:
+            port = self._sock.bind_to_random_port(f"tcp://{settings.host}")
+            self.control = f"tcp://{settings.host}:{port}"
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="transfer-receiver", daemon=True)
+        self._thread.start()
+        log.info(
+            "transfer receiver %s: %s backend, control %s, pool %d x %d rows (%.1f MiB)",
+            self.id[:8],
+            settings.backend,
+            self.control,
+            spec.num_blocks,
+            spec.block_size,
+            self.buffers.nbytes / 2**20,
+        )
+
+    # ---- API (any thread) ----
+    def open_room(self, num_rows: int, room: str | None = None, timeout_s: float = 10.0) -> m.RoomDescriptor:
+        """Allocate blocks for `num_rows` (waiting up to `timeout_s` for a full pool) and describe them."""
+        room = room or uuid.uuid4().hex
+        need = max(1, math.ceil(num_rows / self.spec.block_size))
+        blocks = self.allocator.alloc(min(need, self.spec.num_blocks), timeout_s)
+        ttl = self.settings.room_ttl_s
+        self.rooms.add(Room(room, blocks, time.monotonic() + ttl))
+        s = self.spec
+        return m.RoomDescriptor(
+            room=room,
+            receiver_id=self.id,
+            backend=self.settings.backend,
+            control=self.control,
+            session=self.session,
+            block_ids=list(blocks),
+            block_size=s.block_size,
+            hidden=s.hidden,
+            num_deepstack=s.num_deepstack,
+            dtype=s.dtype,
+            buffers=self._addrs,
+            ttl_s=ttl,
+            checksum=self.settings.checksum,
+        )
+
+    def future(self, room: str) -> Future:
+        r = self.rooms.get(room)
+        if r is None:
+            f: Future = Future()
+            f.set_exception(RoomFailed(f"room {room}: {self.rooms.outcome(room) or 'unknown'}"))
+            return f
+        return r.future
+
+    def wait_room(self, room: str, timeout_s: float | None = None) -> ReceivedRoom:
+        return self.future(room).result(timeout_s)
+
+    def release(self, room: str) -> None:
+        self.rooms.release(room)
+
+    def abort(self, room: str, reason: str = "aborted by receiver") -> None:
+        """Drop a room in any state: frees its blocks and tells its sender to stop."""
+        if self.rooms.release(room):
+            return
+        r = self.rooms.fail(room, reason, out_of_band_writer=not self.backend.data_on_control)
+        if r is not None and r.peer is not None:
+            self._outbox.put((r.peer, m.Abort(room=room, reason=reason)))
+
+    def stats(self) -> dict:
+        with self.rooms.lock:
+            states = [r.state.value for r in self.rooms.rooms.values()]
+            c = dict(self.rooms.counters)
+        return {
+            "blocks_total": self.spec.num_blocks,
+            "blocks_used": self.allocator.num_used,
+            "blocks_free": self.allocator.num_free,
+            "blocks_quarantined": self.rooms.quarantined_blocks,
+            "rooms": {s.value: states.count(s.value) for s in State},
+            **c,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for rid in list(self.rooms.rooms):
+            self.rooms.fail(rid, "receiver closed")
+        self._sock.close(0)
+        self.backend.close()
+
+    # ---- control thread ----
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                if poller.poll(10):
+                    for _ in range(256):
+                        if not self._sock.poll(0):
+                            break
+                        self._recv_one()
+                self._drain_outbox()
+                self._housekeep()
+            except Exception:  # noqa: BLE001 - one bad message must not stop the receiver
+                log.exception("transfer receiver: unexpected error in control loop")
+
+    def _send(self, peer: bytes, msg) -> None:
+        try:
+            self._sock.send_multipart([peer, m.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not answer %s for room %s: %s", type(msg).__name__, msg.room, e)
+
+    def _drain_outbox(self) -> None:
+        while True:
+            try:
+                peer, msg = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            self._send(peer, msg)
+
+    def _skip_rest(self) -> None:
+        while self._sock.getsockopt(zmq.RCVMORE):
+            self._sock.recv()
+
+    def _recv_one(self) -> None:
+        peer = self._sock.recv()
+        if not self._sock.getsockopt(zmq.RCVMORE):
+            return log.warning("transfer: empty message from a peer, ignored")
+        raw = self._sock.recv()
+        try:
+            msg = m.decode(raw)
+        except m.BadMessage as e:
+            self._skip_rest()
+            return log.warning("transfer: rejected control message: %s", e)
+        if isinstance(msg, m.Data):
+            return self._on_data(peer, msg)
+        self._skip_rest()
+        room = self.rooms.get(msg.room)
+        if room is None:
+            if not isinstance(msg, m.Abort | m.Ack):
+                why = self.rooms.outcome(msg.room) or "unknown room"
+                log.info("transfer: late %s for room %s (%s), ignored", type(msg).__name__, msg.room, why)
+                self._send(peer, m.Ack(room=msg.room, ok=False, reason=f"room is {why}"))
+            return
+        if room.peer is not None and room.peer != peer:
+            log.warning("transfer: %s for room %s from a second sender, refused", type(msg).__name__, room.id)
+            if not isinstance(msg, m.Abort):
+                self._send(peer, m.Ack(room=room.id, ok=False, reason="room is claimed by another sender"))
+            return
+        handler = {
+            m.Begin: self._on_begin,
+            m.Partial: self._on_partial,
+            m.Done: self._on_done,
+            m.Abort: self._on_abort,
+        }.get(type(msg))
+        if handler is None:
+            return log.warning("transfer: unexpected %s from a sender, ignored", type(msg).__name__)
+        handler(peer, room, msg)
+
+    def _on_begin(self, peer: bytes, room: Room, msg: m.Begin) -> None:
+        if msg.receiver_id != self.id:
+            return self._send(
+                peer, m.Ack(room=room.id, ok=False, reason="descriptor is for another receiver")
+            )
+        if room.state is not State.OPEN:
+            return self._send(peer, m.Ack(room=room.id, ok=False, reason=f"room is {room.state.value}"))
+        room.state, room.peer = State.RECEIVING, peer
+        more = math.ceil(msg.total_rows / self.spec.block_size) - len(room.blocks)
+        if more > 0 and self.settings.grow_on_begin:  # grow now if we can: saves the resume round trip
+            got = self.allocator.try_alloc(more, after=room.blocks[-1])
+            if got:
+                room.blocks.extend(got)
+        self._send(peer, m.Ready(room=room.id, block_ids=room.blocks))
+
+    def _on_partial(self, peer: bytes, room: Room, msg: m.Partial) -> None:
+        cap = len(room.blocks) * self.spec.block_size
+        if room.state is not State.RECEIVING or msg.sent_rows != cap or msg.total_rows <= cap:
+            return self._fail(
+                room, f"bad resume request (sent {msg.sent_rows}, total {msg.total_rows}, have {cap})"
+            )
+        room.want = (math.ceil(msg.total_rows / self.spec.block_size) - len(room.blocks), msg.sent_rows)
+        self._try_resume(room)
+
+    def _try_resume(self, room: Room) -> None:
+        need, sent = room.want
+        if len(room.blocks) + need > self.spec.num_blocks:
+            return self._fail(
+                room, f"request needs {len(room.blocks) + need} blocks, the pool has {self.spec.num_blocks}"
+            )
+        got = self.allocator.try_alloc(need, after=room.blocks[-1])
+        if got is None:
+            return  # back-pressure: retried on every loop until blocks free up or the deadline passes
+        room.blocks.extend(got)
+        room.want = None
+        self._send(room.peer, m.Resume(room=room.id, block_ids=room.blocks, sent_rows=sent))
+
+    def _on_data(self, peer: bytes, msg: m.Data) -> None:
+        room = self.rooms.get(msg.room)
+        ok = room is not None and room.peer == peer and room.state is State.RECEIVING
+        reason = self._owns(room, msg) if ok else "no such receiving room"
+        if reason is None and self._sock.getsockopt(zmq.RCVMORE):
+            dst = self.buffers.byte_view(msg.buffer, msg.offset, msg.nbytes).numpy()
+            n = self._sock.recv_into(dst)
+            if n != msg.nbytes:
+                reason = f"frame of {n} bytes announced as {msg.nbytes}"
+            room.bytes_in += n
+            self._skip_rest()
+        else:
+            self._skip_rest()
+        if reason is not None and room is not None and room.state is State.RECEIVING:
+            self._fail(room, f"bad data frame: {reason}")
+        elif reason is not None:
+            log.debug("transfer: data for room %s dropped: %s", msg.room, reason)
+
+    def _owns(self, room: Room, msg: m.Data) -> str | None:
+        """None if the byte range lies in rows (or the aux slot) this room owns, else why not."""
+        if msg.buffer not in NAMES:
+            return f"unknown buffer {msg.buffer!r}"
+        rb = self.buffers.row_bytes(msg.buffer)
+        if rb == 0 or msg.offset % rb or msg.nbytes % rb or msg.nbytes <= 0:
+            return f"{msg.buffer}[{msg.offset}:+{msg.nbytes}] is not whole rows"
+        r0, r1 = msg.offset // rb, (msg.offset + msg.nbytes) // rb
+        if msg.buffer == "aux":
+            return None if (r0, r1) == (room.blocks[0], room.blocks[0] + 1) else "aux slot of another room"
+        bs, owned = self.spec.block_size, set(room.blocks)
+        if all(b in owned for b in range(r0 // bs, (r1 - 1) // bs + 1)):
+            return None
+        return f"{msg.buffer} rows {r0}..{r1} are not this room's"
+
+    def _on_done(self, peer: bytes, room: Room, msg: m.Done) -> None:
+        if room.state is not State.RECEIVING:
+            return self._send(peer, m.Ack(room=room.id, ok=False, reason=f"room is {room.state.value}"))
+        reason = self._verify(room, msg)
+        if reason is not None:
+            self._fail(room, reason)
+            return
+        rows = self.buffers.read(room.blocks, msg.total_rows, msg.vision_rows)
+        result = ReceivedRoom(
+            room.id,
+            rows["fill_ids"],
+            rows["mrope"].t(),
+            rows["embeddings"],
+            rows["deepstack"],
+            msg.mrope_delta,
+            msg.num_images,
+            self,
+        )
+        self.rooms.done(room, result)
+        self._send(peer, m.Ack(room=room.id, ok=True))
+
+    def _verify(self, room: Room, msg: m.Done) -> str | None:
+        cap = len(room.blocks) * self.spec.block_size
+        if not 0 <= msg.vision_rows <= msg.total_rows <= cap or msg.total_rows == 0:
+            return f"lengths out of range (rows {msg.total_rows}, vision {msg.vision_rows}, capacity {cap})"
+        aux = AuxRecord.unpack(self.buffers.aux[room.blocks[0]])
+        want = AuxRecord(
+            room_tag(room.id), msg.total_rows, msg.vision_rows, msg.mrope_delta, msg.num_images, msg.checksum
+        )
+        if aux != want:
+            return "aux record missing or does not match (torn or stale write)"
+        rows = self.buffers.read(room.blocks, msg.total_rows, msg.vision_rows)
+        if checksum(rows, self.settings.checksum == "full") != msg.checksum:
+            return "checksum mismatch (torn write)"
+        return None
+
+    def _on_abort(self, peer: bytes, room: Room, msg: m.Abort) -> None:
+        self.rooms.fail(room.id, f"sender aborted: {msg.reason}", out_of_band_writer=False)
+
+    def _fail(self, room: Room, reason: str) -> None:
+        log.warning("transfer: room %s failed: %s", room.id, reason)
+        self.rooms.fail(room.id, reason, out_of_band_writer=not self.backend.data_on_control)
+        if room.peer is not None:
+            self._send(room.peer, m.Ack(room=room.id, ok=False, reason=reason))
+
+    def _housekeep(self) -> None:
+        for room in self.rooms.waiting_resume():
+            self._try_resume(room)
+        for room in self.rooms.expired(time.monotonic()):
+            self._fail(room, f"deadline: not complete within {self.settings.room_ttl_s:.1f}s")
