@@ -1,7 +1,7 @@
 """Assemble one language server from its settings: model, KV cache, scheduler, engine, provider, app.
 
 `LanguageServer.build(settings)` loads everything and starts the engine thread; `.app` is the ASGI
-app to serve (`.serve()` runs uvicorn on settings.host/port); `.close()` stops the engine. Providers
+app to serve (`.serve()` runs uvicorn on settings.host/port); `await .aclose()` stops the engine and the provider. Providers
 are looked up by mode with lazy imports, so the disaggregated one plugs in without touching this.
 """
 
@@ -104,10 +104,10 @@ class LanguageServer:
         from language_server.api.metrics import Metrics
         from language_server.api.serving import Serving
 
+        if provider is None:  # first: a mode that cannot start fails before the model loads
+            provider = make_provider(settings)
         built = build_engine(settings)
         engine = built.engine
-        if provider is None:
-            provider = make_provider(settings)
         metrics = Metrics(engine.stats, provider.buffer_usage if provider else (lambda: None))
         engine.on_step = lambda out, dt: metrics.step.observe(dt)
         serving = Serving(

@@ -25,7 +25,10 @@ from deepsplit.bench.serve_workload import make_workload
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=".models/small", help="checkpoint directory (small preset)")
     parser.add_argument("--quick", action="store_true", help="short run: 8 requests, shorter prompts/outputs")
-    parser.add_argument("--requests", type=int, default=32, help="requests in the workload")
+    parser.add_argument("--requests", type=int, default=96, help="requests in the workload")
+    parser.add_argument("--sequential-requests", type=int, default=16,
+                        help="the one-at-a-time contenders (ours c=1, HF sequential) run only the first N "
+                        "requests: their tokens/s does not depend on N, their run time does")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument(
         "--hf-batch", type=int, default=32, help="padded batch size of the HF batch contender"
@@ -96,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     conc = [int(c) for c in args.concurrency.split(",")]
     conc = [c for c in conc if c <= n] if quick else conc
     reqs = make_workload(n, prompts, outputs, args.seed)
+    n_seq = min(n, args.sequential_requests)
     res: dict = {
         "model": args.model,
         "threads": args.threads,
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         drive(url, "bench", reqs[: min(2, n)], 2)  # warm-up
         for c in conc:
-            samples, wall = drive(url, "bench", reqs, c)
+            samples, wall = drive(url, "bench", reqs[:n_seq] if c == 1 else reqs, c)
             row = report.summarize(f"deepsplit c={c}", samples, wall)
             res["rows"].append(row)
             print(report.table([row]).splitlines()[-1], flush=True)
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
         hf = serve_hf.load(args.model)
-        samples, wall = serve_hf.sequential(hf, reqs)
+        samples, wall = serve_hf.sequential(hf, reqs[:n_seq])
         res["rows"].append(report.summarize("HF generate, sequential", samples, wall))
         print(report.table(res["rows"][-1:]).splitlines()[-1], flush=True)
         b = min(args.hf_batch, n)

@@ -22,10 +22,12 @@ def build_app(serving: Serving, settings, debug_info=None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        serving.metrics.errors.labels(str(e.status), e.code or "").inc()
         return e.response()
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:
+        serving.metrics.errors.labels("500", "internal").inc()
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type_="server_error").response()
 
     async def check_key(request: Request) -> None:

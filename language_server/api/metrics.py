@@ -32,6 +32,7 @@ class Metrics:
         )
         self.e2e = Histogram(p + "request_latency_seconds", "arrival to last token", buckets=_LAT, registry=r)
         self.step = Histogram(p + "engine_step_seconds", "one engine step", buckets=_LAT, registry=r)
+        self.errors = Counter(p + "errors", "requests answered with an error", ["status", "code"], registry=r)
         self.aborted = Counter(p + "aborted_requests", "requests aborted (client gone)", registry=r)
         for key, doc in [
             ("waiting", "requests queued for KV memory / a slot"),

@@ -69,6 +69,8 @@ class ServerProcess:
         for line in text.splitlines():
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(" ", 1)[1])
+        if "{" in name:  # a labelled series not seen yet
+            return 0.0
         raise KeyError(name)
 
     def stop(self) -> None:

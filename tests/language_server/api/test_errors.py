@@ -130,12 +130,14 @@ def test_bad_requests(server, body, status, words, param):
 
 
 def test_malformed_json_non_object_and_oversized_bodies(server):
+    before = server.metric('deepsplit_language_errors_total{code="invalid_json",status="400"}')
     r = httpx.post(
         server.url + "/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=AUTH
     )
     assert_error(r, 400, "not valid JSON", code="invalid_json")
     assert_error(post(server, [1, 2]), 400, "JSON object")
     assert_error(post(server, chat("x" * 2_500_000)), 413, "exceeds the limit")
+    assert server.metric('deepsplit_language_errors_total{code="invalid_json",status="400"}') == before + 2
 
 
 def test_completions_errors(server):
