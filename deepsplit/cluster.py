@@ -1,5 +1,6 @@
 """`deepsplit up`: start N encode servers and M language servers on this host, wait until all are
-ready, print the endpoints, and stop them all cleanly on Ctrl-C / SIGTERM (or when one dies).
+ready, put a router in front when M > 1 (one OpenAI endpoint), print the endpoints, and stop them all
+cleanly on Ctrl-C / SIGTERM (or when one dies).
 
 `Cluster` is also the programmatic handle tests and `deepsplit demo` use. Ports come from
 configs/cluster.yaml (or flags); this module only launches and supervises processes.
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deepsplit.router import POLICIES, router_command, wait_router_ready
 from deepsplit.settings import SettingsError, load_settings
 
 
@@ -29,6 +31,12 @@ class ClusterSettings(BaseModel):
     language_base_port: int = Field(30000, ge=1, le=65535)
     encoder_base_port: int = Field(31000, ge=1, le=65535)
     router_port: int = Field(29000, ge=1, le=65535)
+    # what sits in front of the language servers when languages > 1: sglang (sglang-router) | none
+    router: str = Field("sglang", pattern="^(sglang|none)$")
+    router_policy: str = Field("round_robin", pattern=f"^({'|'.join(POLICIES)})$")
+    router_metrics_port: int = Field(29001, ge=1, le=65535)
+    router_health_interval_s: float = Field(5.0, gt=0)
+    router_args: list[str] = []
     encoders: int = Field(1, ge=0)
     languages: int = Field(1, ge=1)
     backend: str = Field("zmq", pattern="^(mooncake|zmq)$")
@@ -37,6 +45,16 @@ class ClusterSettings(BaseModel):
     ready_timeout_s: float = Field(180, gt=0)
     encoder_args: list[str] = []
     language_args: list[str] = []
+
+    @model_validator(mode="after")
+    def _distinct_router_ports(self) -> ClusterSettings:
+        if self.router_port == self.router_metrics_port:
+            raise ValueError("router_port and router_metrics_port must differ")
+        return self
+
+    @property
+    def use_router(self) -> bool:
+        return self.router != "none" and self.languages > 1
 
 
 class Cluster:
@@ -52,6 +70,15 @@ class Cluster:
     @property
     def language_urls(self) -> list[str]:
         return [f"http://{self.s.host}:{self.s.language_base_port + i}" for i in range(self.s.languages)]
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.s.host}:{self.s.router_port}"
+
+    @property
+    def endpoint(self) -> str:
+        """The one URL clients use: the router when there is one, else the (only) language server."""
+        return self.router_url if self.s.use_router else self.language_urls[0]
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         out = None
@@ -104,10 +131,27 @@ class Cluster:
             self._spawn(f"language-{i}", cmd + list(s.language_args))
         try:
             self.wait_ready()
+            if s.use_router:
+                self.start_router()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_router(self) -> None:
+        """Start the router in front of `language_urls` (already serving) and wait until it routes."""
+        s = self.s
+        cmd = router_command(
+            self.language_urls,
+            s.host,
+            s.router_port,
+            s.router_metrics_port,
+            s.router_policy,
+            s.router_health_interval_s,
+            s.router_args,
+        )
+        self._spawn("router", cmd)
+        wait_router_ready(self.router_url, s.languages, s.ready_timeout_s, self.procs[-1][1])
 
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.s.ready_timeout_s
@@ -165,13 +209,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--languages", type=int)
     parser.add_argument("--backend", choices=["mooncake", "zmq"])
     parser.add_argument("--host")
+    parser.add_argument("--router", choices=["sglang", "none"], help="router in front of >1 language servers")
+    parser.add_argument("--router-policy", choices=list(POLICIES))
     parser.add_argument(
         "--log-dir", help="write each process's output to DIR/NAME.log instead of this terminal"
     )
 
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
-    keys = ("model", "encoders", "languages", "backend", "host")
+    keys = ("model", "encoders", "languages", "backend", "host", "router", "router_policy")
     return load_settings(ClusterSettings, args.config, {k: getattr(args, k) for k in keys})
 
 
@@ -179,7 +225,10 @@ def print_endpoints(cluster: Cluster) -> None:
     for url in cluster.encoder_urls:
         print(f"  encode server    {url}")
     for url in cluster.language_urls:
-        print(f"  language server  {url}/v1   (OpenAI API)")
+        print(f"  language server  {url}/v1")
+    if cluster.s.use_router:
+        print(f"  router           {cluster.router_url}   ({cluster.s.router}, {cluster.s.router_policy})")
+    print(f"  OpenAI endpoint  {cluster.endpoint}/v1")
 
 
 def serve_until_signal(cluster: Cluster) -> int:

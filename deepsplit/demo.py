@@ -48,10 +48,11 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     cluster.start()
-    base = cluster.language_urls[0] + "/v1"
+    base = cluster.endpoint + "/v1"
     try:
         client = OpenAI(base_url=base, api_key="unused")
-        model = client.models.list().data[0].id
+        # the served name from a language server itself: a router may not know it (see deepsplit.router)
+        model = OpenAI(base_url=cluster.language_urls[0] + "/v1", api_key="unused").models.list().data[0].id
         content = [
             {"type": "image_url", "image_url": {"url": demo_image_url()}},
             {"type": "text", "text": args.prompt},
