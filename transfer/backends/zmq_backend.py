@@ -23,8 +23,10 @@ class ZmqSender(SenderBackend):
         sock = conn.sock
         for w in writes:
             data = w.src.numpy()
-            for a in range(0, len(data), FRAME_BYTES):
-                chunk = data[a : a + FRAME_BYTES]
+            rb = desc.buffers[w.buffer].row_bytes
+            step = max(rb, FRAME_BYTES // rb * rb)  # frames hold whole rows
+            for a in range(0, len(data), step):
+                chunk = data[a : a + step]
                 hdr = m.encode(m.Data(room=room, buffer=w.buffer, offset=w.offset + a, nbytes=len(chunk)))
                 sock.send(hdr, zmq.SNDMORE)
                 sock.send(memoryview(chunk), copy=len(chunk) < ZERO_COPY_MIN)

@@ -1,0 +1,70 @@
+"""The other process of each transfer-benchmark pair (spawned; commands and timings over a pipe).
+
+`ours_sender`: a real `TransferSender` that pushes a payload of the asked size into the room it is
+given and reports how long `send` took (handshake, writes, Done/Ack included). `raw_mooncake_target`
+registers a plain buffer for Mooncake writes; `raw_zmq_sink` PULLs frames and acks each message.
+"""
+
+from __future__ import annotations
+
+import torch
+
+HIDDEN, DEEPSTACK = 2048, 3
+ROW_BYTES = HIDDEN * 4 * (1 + DEEPSTACK) + 16  # fp32 vision + deepstack + id + 3 positions
+
+
+def rows_for(nbytes: int) -> int:
+    return max(1, -(-nbytes // ROW_BYTES))
+
+
+def payload(rows: int):
+    from transfer import MultimodalPayload
+
+    return MultimodalPayload(
+        fill_ids=torch.arange(rows, dtype=torch.int32),
+        mrope=torch.arange(3 * rows, dtype=torch.int32).view(3, rows),
+        embeddings=torch.randn(rows, HIDDEN),
+        deepstack=torch.randn(rows, DEEPSTACK * HIDDEN),
+        mrope_delta=0,
+    )
+
+
+def ours_sender(conn) -> None:
+    from transfer import TransferSender
+
+    sender = TransferSender()
+    cache: dict[int, object] = {}
+    while (cmd := conn.recv()) is not None:
+        desc, rows = cmd
+        if rows not in cache:
+            cache.clear()
+            cache[rows] = payload(rows)
+        r = sender.send(desc, cache[rows])
+        conn.send(r.seconds)
+    sender.close()
+
+
+def raw_mooncake_target(conn, nbytes: int) -> None:
+    from transfer.backends.mooncake_backend import _engine
+
+    eng = _engine("127.0.0.1", "tcp", "")
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    assert eng.register_memory(buf.data_ptr(), nbytes) == 0
+    conn.send((f"127.0.0.1:{eng.get_rpc_port()}", buf.data_ptr()))
+    conn.recv()  # until the writer is done
+
+
+def raw_zmq_sink(conn) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    pull, ack = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    conn.send(port)
+    ack.connect(conn.recv())
+    while True:
+        frames = pull.recv_multipart(copy=False)
+        if len(frames[0]) == 0:
+            break
+        ack.send(b"k")
+    ctx.destroy(0)
