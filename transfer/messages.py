@@ -60,11 +60,10 @@ class Ready(_Msg, tag="ready"):
 
 
 class Data(_Msg, tag="data"):
-    """Sender -> receiver (zmq backend): the next frame holds `nbytes` for `buffer` at `offset`."""
+    """Sender -> receiver (zmq backend): frame i after this header holds segments[i] =
+    (buffer, byte offset into the buffer's region, nbytes)."""
 
-    buffer: str
-    offset: int  # byte offset into the buffer's region
-    nbytes: int
+    segments: list[tuple[str, int, int]]
 
 
 class Partial(_Msg, tag="partial"):

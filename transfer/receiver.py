@@ -61,7 +61,8 @@ class TransferReceiver:
         self.rooms = RoomTable(self.allocator, settings.room_ttl_s if quarantine_s is None else quarantine_s)
         self.backend = receiver_backend(settings.backend, settings)
         self.session, addrs = self.backend.register(self.buffers.regions())
-        self._addrs = {n: m.BufferAddr(addr=addrs[n], row_bytes=self.buffers.row_bytes(n)) for n in NAMES}
+        self._row_bytes = {n: self.buffers.row_bytes(n) for n in NAMES}
+        self._addrs = {n: m.BufferAddr(addr=addrs[n], row_bytes=self._row_bytes[n]) for n in NAMES}
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -156,17 +157,20 @@ class TransferReceiver:
 
     # ---- control thread ----
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        next_housekeeping = 0.0
         while not self._stop.is_set():
             try:
-                if poller.poll(10):
+                if self._sock.poll(5):
                     for _ in range(256):
-                        if not self._sock.poll(0):
+                        try:
+                            self._recv_one()
+                        except zmq.Again:
                             break
-                        self._recv_one()
                 self._drain_outbox()
-                self._housekeep()
+                now = time.monotonic()
+                if now >= next_housekeeping:
+                    self._housekeep()
+                    next_housekeeping = now + 0.005
             except Exception:  # noqa: BLE001 - one bad message must not stop the receiver
                 log.exception("transfer receiver: unexpected error in control loop")
 
@@ -189,7 +193,7 @@ class TransferReceiver:
             self._sock.recv()
 
     def _recv_one(self) -> None:
-        peer = self._sock.recv()
+        peer = self._sock.recv(zmq.NOBLOCK)
         if not self._sock.getsockopt(zmq.RCVMORE):
             return log.warning("transfer: empty message from a peer, ignored")
         raw = self._sock.recv()
@@ -263,35 +267,39 @@ class TransferReceiver:
     def _on_data(self, peer: bytes, msg: m.Data) -> None:
         room = self.rooms.get(msg.room)
         ok = room is not None and room.peer == peer and room.state is State.RECEIVING
-        reason = self._owns(room, msg) if ok else "no such receiving room"
-        if reason is None and self._sock.getsockopt(zmq.RCVMORE):
-            dst = self.buffers.byte_view(msg.buffer, msg.offset, msg.nbytes).numpy()
-            n = self._sock.recv_into(dst)
-            if n != msg.nbytes:
-                reason = f"frame of {n} bytes announced as {msg.nbytes}"
+        reason = None if ok else "no such receiving room"
+        for buffer, offset, nbytes in msg.segments:
+            if reason is None:
+                reason = self._owns(room, buffer, offset, nbytes)
+            if not self._sock.getsockopt(zmq.RCVMORE):
+                reason = reason or "fewer frames than segments"
+                break
+            if reason is not None:
+                break
+            n = self._sock.recv_into(self.buffers.byte_view(buffer, offset, nbytes).numpy())
+            if n != nbytes:
+                reason = f"frame of {n} bytes announced as {nbytes}"
             room.bytes_in += n
-            self._skip_rest()
-        else:
-            self._skip_rest()
+        self._skip_rest()
         if reason is not None and room is not None and room.state is State.RECEIVING:
             self._fail(room, f"bad data frame: {reason}")
         elif reason is not None:
             log.debug("transfer: data for room %s dropped: %s", msg.room, reason)
 
-    def _owns(self, room: Room, msg: m.Data) -> str | None:
+    def _owns(self, room: Room, buffer: str, offset: int, nbytes: int) -> str | None:
         """None if the byte range lies in rows (or the aux slot) this room owns, else why not."""
-        if msg.buffer not in NAMES:
-            return f"unknown buffer {msg.buffer!r}"
-        rb = self.buffers.row_bytes(msg.buffer)
-        if rb == 0 or msg.offset % rb or msg.nbytes % rb or msg.nbytes <= 0:
-            return f"{msg.buffer}[{msg.offset}:+{msg.nbytes}] is not whole rows"
-        r0, r1 = msg.offset // rb, (msg.offset + msg.nbytes) // rb
-        if msg.buffer == "aux":
+        if buffer not in NAMES:
+            return f"unknown buffer {buffer!r}"
+        rb = self._row_bytes[buffer]
+        if rb == 0 or offset % rb or nbytes % rb or nbytes <= 0:
+            return f"{buffer}[{offset}:+{nbytes}] is not whole rows"
+        r0, r1 = offset // rb, (offset + nbytes) // rb
+        if buffer == "aux":
             return None if (r0, r1) == (room.blocks[0], room.blocks[0] + 1) else "aux slot of another room"
-        bs, owned = self.spec.block_size, set(room.blocks)
+        bs, owned = self.spec.block_size, room.blocks
         if all(b in owned for b in range(r0 // bs, (r1 - 1) // bs + 1)):
             return None
-        return f"{msg.buffer} rows {r0}..{r1} are not this room's"
+        return f"{buffer} rows {r0}..{r1} are not this room's"
 
     def _on_done(self, peer: bytes, room: Room, msg: m.Done) -> None:
         if room.state is not State.RECEIVING:

@@ -1,7 +1,8 @@
 """TransferSender: the encoder's end of the data plane — push one request's rows into a room.
 
 `send(descriptor, payload, deadline_s)` does the whole exchange on one pooled control connection:
-Begin -> Ready (handshake: right receiver, room open), write the rows that fit, Partial -> Resume
+Begin -> Ready (handshake: right receiver, room open; Mooncake waits for it before writing,
+ZMQ pipelines behind it), write the rows that fit, Partial -> Resume
 while more are needed, write the aux record, Done -> Ack. It returns a `SendResult` or raises
 `TransferFailed` (after telling the receiver to abort). Thread-safe: each room uses its own
 connection from the pool; every backend the descriptors name is started lazily.
@@ -48,12 +49,21 @@ class _Conn:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self.sock.connect(endpoint)
+        self._stash: list = []  # answers of the current room read early by `aborted`
 
     def send(self, msg) -> None:
         self.sock.send(m.encode(msg))
 
     def expect(self, room: str, kind: type, deadline: float):
         """The next message of `room` of type `kind`; refusals and aborts raise TransferFailed."""
+        while True:
+            msg = self._stash.pop(0) if self._stash else self._recv(room, deadline, kind)
+            if isinstance(msg, m.Ack) and not msg.ok or isinstance(msg, m.Abort):
+                raise TransferFailed(f"room {room} refused by the receiver: {msg.reason}")
+            if isinstance(msg, kind):
+                return msg
+
+    def _recv(self, room: str, deadline: float, kind: type):
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
@@ -65,22 +75,21 @@ class _Conn:
             except m.BadMessage as e:
                 log.warning("transfer: bad answer from %s: %s", self.endpoint, e)
                 continue
-            if msg.room != room:
-                continue  # late answer for an earlier room on this connection
-            if isinstance(msg, kind):
-                return msg
-            if isinstance(msg, m.Ack) and not msg.ok or isinstance(msg, m.Abort):
-                raise TransferFailed(f"room {room} refused by the receiver: {msg.reason}")
+            if msg.room == room:
+                return msg  # else: a late answer for an earlier room on this connection
 
     def aborted(self, room: str) -> str | None:
-        """A refusal/abort for `room` already waiting on the socket (checked between chunks)."""
+        """A refusal/abort for `room` already waiting (checked between chunks); other answers are kept."""
         while self.sock.poll(0):
             try:
                 msg = m.decode(self.sock.recv())
             except m.BadMessage:
                 continue
-            if msg.room == room and (isinstance(msg, m.Abort) or isinstance(msg, m.Ack) and not msg.ok):
+            if msg.room != room:
+                continue
+            if isinstance(msg, m.Abort) or isinstance(msg, m.Ack) and not msg.ok:
                 return msg.reason
+            self._stash.append(msg)
         return None
 
     def close(self) -> None:
@@ -112,12 +121,11 @@ class TransferSender:
         deadline = t0 + ttl
         try:
             backend = self.backend(desc.backend)
-            rows = payload.prepare(desc.hidden, desc.num_deepstack, desc.dtype)
-        except (TransferError, ValueError) as e:
+        except TransferError as e:
             raise TransferFailed(f"room {desc.room}: {e}") from None
         conn = self._get(desc.control)
         try:
-            res = self._exchange(conn, backend, desc, payload, rows, deadline)
+            res = self._exchange(conn, backend, desc, payload, deadline)
         except (TransferFailed, TransferError, zmq.ZMQError) as e:
             self._abort(conn, desc.room, str(e))
             raise TransferFailed(
@@ -130,16 +138,27 @@ class TransferSender:
         res.seconds = time.monotonic() - t0
         return res
 
-    def _exchange(self, conn: _Conn, backend, desc, payload: MultimodalPayload, rows, deadline) -> SendResult:
+    def _exchange(self, conn: _Conn, backend, desc, payload: MultimodalPayload, deadline) -> SendResult:
         room, n, v = desc.room, payload.total_rows, payload.vision_rows
         if n == 0:
             raise TransferFailed(f"room {room}: empty prompt")
         conn.send(m.Begin(room=room, receiver_id=desc.receiver_id, total_rows=n))
-        blocks = conn.expect(room, m.Ready, deadline).block_ids
+        try:  # while the handshake travels
+            rows = payload.prepare(desc.hidden, desc.num_deepstack, desc.dtype)
+        except ValueError as e:
+            raise TransferFailed(f"room {room}: {e}") from None
+        crc = checksum(rows, desc.checksum == "full")
+        aux = AuxRecord(room_tag(room), n, v, payload.mrope_delta, payload.num_images, crc).pack()
+        blocks, ready = desc.block_ids, None
+        if backend.writes_out_of_band:  # never write memory before the receiver confirmed the room
+            ready = conn.expect(room, m.Ready, deadline)
+            blocks = ready.block_ids
         sent, resumes, nbytes = 0, 0, 0
         while True:
             upto = min(n, len(blocks) * desc.block_size)
             writes = self._writes(desc, blocks, rows, sent, upto, v)
+            if upto == n:  # the seal goes last, with the final rows
+                writes.append(Write("aux", blocks[0] * desc.buffers["aux"].row_bytes, aux.view(torch.uint8)))
             backend.write(conn, desc, room, writes)
             nbytes += sum(w.src.numel() for w in writes)
             sent = upto
@@ -148,6 +167,11 @@ class TransferSender:
                 raise TransferFailed(f"room {room} aborted by the receiver: {reason}")
             if sent == n:
                 break
+            if ready is None:  # pipelined handshake: the room may have grown already
+                ready = conn.expect(room, m.Ready, deadline)
+                if len(ready.block_ids) > len(blocks):
+                    blocks = ready.block_ids
+                    continue
             conn.send(m.Partial(room=room, total_rows=n, sent_rows=sent))
             resume = conn.expect(room, m.Resume, deadline)
             if resume.sent_rows != sent or len(resume.block_ids) <= len(blocks):
@@ -155,10 +179,6 @@ class TransferSender:
             blocks, resumes = resume.block_ids, resumes + 1
             if time.monotonic() > deadline:
                 raise TransferFailed(f"room {room}: deadline passed while resuming")
-        crc = checksum(rows, desc.checksum == "full")
-        aux = AuxRecord(room_tag(room), n, v, payload.mrope_delta, payload.num_images, crc).pack()
-        aux_off = blocks[0] * desc.buffers["aux"].row_bytes
-        backend.write(conn, desc, room, [Write("aux", aux_off, aux.view(torch.uint8))])
         conn.send(
             m.Done(
                 room=room,

@@ -57,7 +57,7 @@ def test_data_outside_the_room_fails_it_and_writes_nothing(make_receiver):
     assert isinstance(answer(s), m.Ready)
     rb = rx.buffers.row_bytes("embeddings")
     before = rx.buffers.embeddings[b.block_ids[0] * 16].clone()
-    hdr = m.Data(room=a.room, buffer="embeddings", offset=b.block_ids[0] * 16 * rb, nbytes=rb)
+    hdr = m.Data(room=a.room, segments=[("embeddings", b.block_ids[0] * 16 * rb, rb)])
     s.send_multipart([m.encode(hdr), b"\x01" * rb])  # into b's block
     reply = answer(s)
     assert isinstance(reply, m.Ack) and not reply.ok and "not this room's" in reply.reason
@@ -72,11 +72,11 @@ def test_data_for_unknown_room_and_oversized_frame(make_receiver):
     rx = make_receiver("zmq")
     d = rx.open_room(16)
     s = dealer(rx.control)
-    s.send_multipart([m.encode(m.Data(room="nope", buffer="fill_ids", offset=0, nbytes=4)), b"\0" * 4])
+    s.send_multipart([m.encode(m.Data(room="nope", segments=[("fill_ids", 0, 4)])), b"\0" * 4])
     s.send(m.encode(m.Begin(room=d.room, receiver_id=rx.id, total_rows=16)))
     assert isinstance(answer(s), m.Ready)
     off = d.block_ids[0] * 16 * 4
-    s.send_multipart([m.encode(m.Data(room=d.room, buffer="fill_ids", offset=off, nbytes=8)), b"\0" * 64])
+    s.send_multipart([m.encode(m.Data(room=d.room, segments=[("fill_ids", off, 8)])), b"\0" * 64])
     reply = answer(s)
     assert not reply.ok and "announced as 8" in reply.reason
     wait_until(lambda: rx.stats()["blocks_used"] == 0, what="blocks freed")

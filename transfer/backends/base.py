@@ -27,6 +27,7 @@ class Write:
 
 class SenderBackend(abc.ABC):
     name: str
+    writes_out_of_band: bool  # True: bytes bypass the control link (wait for the handshake first)
 
     @abc.abstractmethod
     def write(self, conn, desc, room: str, writes: list[Write]) -> None:

@@ -31,6 +31,7 @@ def _engine(host: str, protocol: str, device: str) -> TransferEngine:
 
 class MooncakeSender(SenderBackend):
     name = "mooncake"
+    writes_out_of_band = True
 
     def __init__(self, settings) -> None:
         self.engine = _engine(settings.host, settings.mooncake_protocol, settings.mooncake_device)

@@ -13,23 +13,37 @@ from transfer import messages as m
 from transfer.backends.base import ReceiverBackend, SenderBackend, Write
 
 ZERO_COPY_MIN = 64 * 1024  # below this a copy is cheaper than zmq's zero-copy bookkeeping
-FRAME_BYTES = 8 * 2**20  # large ranges go in several frames so receive and copy overlap
+FRAME_BYTES = 8 * 2**20  # small writes share a message; large ones span several, so receive and copy overlap
 
 
 class ZmqSender(SenderBackend):
     name = "zmq"
+    writes_out_of_band = False
 
     def write(self, conn, desc, room: str, writes: list[Write]) -> None:
-        sock = conn.sock
+        segs, frames, size = [], [], 0
+
+        def flush():
+            nonlocal segs, frames, size
+            if segs:
+                conn.sock.send(m.encode(m.Data(room=room, segments=segs)), zmq.SNDMORE)
+                for i, f in enumerate(frames):
+                    more = zmq.SNDMORE if i + 1 < len(frames) else 0
+                    conn.sock.send(memoryview(f), more, copy=len(f) < ZERO_COPY_MIN)
+            segs, frames, size = [], [], 0
+
         for w in writes:
             data = w.src.numpy()
             rb = desc.buffers[w.buffer].row_bytes
             step = max(rb, FRAME_BYTES // rb * rb)  # frames hold whole rows
             for a in range(0, len(data), step):
                 chunk = data[a : a + step]
-                hdr = m.encode(m.Data(room=room, buffer=w.buffer, offset=w.offset + a, nbytes=len(chunk)))
-                sock.send(hdr, zmq.SNDMORE)
-                sock.send(memoryview(chunk), copy=len(chunk) < ZERO_COPY_MIN)
+                segs.append((w.buffer, w.offset + a, len(chunk)))
+                frames.append(chunk)
+                size += len(chunk)
+                if size >= FRAME_BYTES:  # one message per ~8 MiB: receive and copy overlap
+                    flush()
+        flush()
 
 
 class ZmqReceiver(ReceiverBackend):
