@@ -126,6 +126,7 @@ class Cluster:
             ]
             if s.encoders:
                 cmd += ["--encoder-urls", ",".join(self.encoder_urls), "--transfer-backend", s.backend]
+                cmd += ["--transfer-host", s.host]
             if s.language_config and Path(s.language_config).is_file():
                 cmd += ["--config", s.language_config]
             self._spawn(f"language-{i}", cmd + list(s.language_args))

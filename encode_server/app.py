@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import anyio
+import httpx
 import msgspec
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -16,7 +18,7 @@ from encode_server.protocol import CONTENT_TYPE, EncodeResponse, decode_request,
 from encode_server.service import EncodeService
 
 log = logging.getLogger(__name__)
-STATUS_CODES = {"ok": 200, "bad_request": 400, "overloaded": 503, "error": 500}
+STATUS_CODES = {"ok": 200, "bad_request": 400, "overloaded": 503, "transfer_failed": 502, "error": 500}
 
 
 def build_app(settings: EncodeSettings) -> FastAPI:
@@ -69,4 +71,55 @@ def build_app(settings: EncodeSettings) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     app.router.on_shutdown.append(service.close)
+    if settings.register_with:
+        announcer = Announcer(settings)
+        app.router.on_startup.append(announcer.start)
+        app.router.on_shutdown.insert(0, announcer.stop)
     return app
+
+
+class Announcer:
+    """Registers this encoder with each `register_with` language server and renews it every ttl/3."""
+
+    def __init__(self, settings: EncodeSettings) -> None:
+        self.s = settings
+        self.url = settings.advertise_url or f"http://{settings.host}:{settings.port}"
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        from language_server.mm.discovery import register_with
+
+        failing: set[str] = set()
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            while True:
+                for lang in self.s.register_with:
+                    try:
+                        await register_with(
+                            client, lang, self.url, self.s.register_ttl_s, self.s.register_api_key
+                        )
+                        if lang in failing:
+                            log.info("registered with %s again", lang)
+                        failing.discard(lang)
+                    except (httpx.HTTPError, ValueError, KeyError) as e:
+                        if lang not in failing:
+                            log.warning("cannot register with %s: %s (retrying)", lang, e)
+                        failing.add(lang)
+                await asyncio.sleep(self.s.register_ttl_s / 3)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            for lang in self.s.register_with:
+                headers = (
+                    {"authorization": f"Bearer {self.s.register_api_key}"} if self.s.register_api_key else {}
+                )
+                try:
+                    await client.post(
+                        f"{lang.rstrip('/')}/v1/encoders/unregister", json={"url": self.url}, headers=headers
+                    )
+                except httpx.HTTPError:
+                    pass

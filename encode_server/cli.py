@@ -27,6 +27,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-bytes", type=int, help="embedding cache size in bytes (0 disables)")
     p.add_argument("--allow-http-images", action="store_true", default=None)
     p.add_argument("--transfer-host", help="address the transfer engine binds and advertises")
+    p.add_argument("--mooncake-protocol", help="Mooncake transport: tcp | rdma")
+    p.add_argument("--mooncake-device", help="RDMA device names for Mooncake (e.g. mlx5_0)")
+    p.add_argument(
+        "--register-with",
+        type=lambda s: [u for u in s.split(",") if u],
+        help="comma-separated language server URLs to announce this encoder to",
+    )
+    p.add_argument(
+        "--advertise-url", help="URL language servers reach this encoder at (default http://host:port)"
+    )
     p.add_argument("--log-level")
     return p.parse_args(argv)
 

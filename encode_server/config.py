@@ -26,6 +26,19 @@ class EncodeSettings(BaseModel):
     allow_http_images: bool = False
     max_concurrent_requests: int = Field(64, ge=1, description="beyond this, encode requests get 503")
     transfer_deadline_s: float = Field(30.0, gt=0)
-    transfer_host: str = Field("127.0.0.1", description="address the transfer engine binds/advertises")
-    staging_bytes: int = Field(64 * 2**20, ge=2**20, description="registered send buffer for Mooncake writes")
+    transfer_host: str = Field(
+        "127.0.0.1", description="address this node's Mooncake engine binds/advertises"
+    )
+    mooncake_protocol: str = Field("tcp", description="Mooncake transport: tcp | rdma")
+    mooncake_device: str = Field("", description="RDMA device names for Mooncake (empty for tcp)")
+    register_with: list[str] = Field(
+        default_factory=list, description="language servers to announce this encoder to (self-registration)"
+    )
+    advertise_url: str | None = Field(
+        None, description="URL language servers reach us at (default http://host:port)"
+    )
+    register_ttl_s: float = Field(15.0, gt=0, description="registration lifetime; renewed every third of it")
+    register_api_key: str | None = Field(
+        None, description="Bearer key of the language servers, if they need one"
+    )
     log_level: str = "info"

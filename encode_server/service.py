@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 class EncodeService:
     def __init__(self, settings: EncodeSettings, metrics: EncodeMetrics) -> None:
-        from transfer import TransferSender, sender_config
+        from transfer import SenderSettings, TransferSender
 
         self.settings = settings
         self.metrics = metrics
@@ -37,7 +37,11 @@ class EncodeService:
             settings.max_pixels,
         )
         self.sender = TransferSender(
-            sender_config(host=settings.transfer_host, staging_bytes=settings.staging_bytes)
+            SenderSettings(
+                host=settings.transfer_host,
+                mooncake_protocol=settings.mooncake_protocol,
+                mooncake_device=settings.mooncake_device,
+            )
         )
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,
@@ -86,11 +90,12 @@ class EncodeService:
             return EncodeResponse(room=req.room, status="error", message=f"encode failed: {e}")
         t1 = time.perf_counter()
         try:
-            self.sender.send(req.descriptor, self._payload(encoded), deadline_s=req.deadline_s)
-        except Exception as e:  # noqa: BLE001
+            left = max(0.1, req.deadline_s - (t1 - t0))
+            self.sender.send(req.descriptor, self._payload(encoded), deadline_s=left)
+        except Exception as e:  # noqa: BLE001 - TransferFailed, a bad descriptor, a dead peer
             log.warning("transfer of room %s failed: %s", req.room, e)
             self.metrics.requests.labels("transfer_failed").inc()
-            return EncodeResponse(room=req.room, status="error", message=f"transfer failed: {e}")
+            return EncodeResponse(room=req.room, status="transfer_failed", message=f"transfer failed: {e}")
         t2 = time.perf_counter()
         self.metrics.observe(encoded, t1 - t0, t2 - t0)
         return EncodeResponse(

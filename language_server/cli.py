@@ -36,6 +36,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=lambda s: [u for u in s.split(",") if u],
         help="comma-separated encode server URLs (disaggregated mode)",
     )
+    p.add_argument(
+        "--encoder-dns",
+        type=lambda s: [u for u in s.split(",") if u],
+        help="comma-separated host:port names resolved periodically to encoders (e.g. a headless Service)",
+    )
+    p.add_argument(
+        "--allow-encoder-registration",
+        action="store_true",
+        default=None,
+        help="let encoders register themselves (POST /v1/encoders/register)",
+    )
+    p.add_argument("--transfer-backend", choices=["mooncake", "zmq"], help="how encoders push rows here")
+    p.add_argument("--transfer-host", help="address encoders reach this node's receive buffers at")
+    p.add_argument("--transfer-port", type=int, help="ZMQ control/data port of the receive buffers (0: free)")
+    p.add_argument("--mooncake-protocol", help="Mooncake transport: tcp | rdma")
+    p.add_argument("--mooncake-device", help="RDMA device names for Mooncake (e.g. mlx5_0)")
+    p.add_argument("--mm-buffer-bytes", type=int, help="receive pool size for vision rows, bytes")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, help="torch intra-op threads (0: torch default)")
     p.add_argument("--kv-cache-bytes", type=int, help="memory for the paged KV cache")

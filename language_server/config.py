@@ -23,6 +23,28 @@ class LanguageSettings(BaseModel):
     api_key: str | None = Field(None, description="if set, requests need `Authorization: Bearer <key>`")
     mode: Literal["monolithic", "disaggregated"] = "monolithic"
     encoder_urls: list[str] = Field(default_factory=list, description="encode servers (disaggregated mode)")
+    encoder_dns: list[str] = Field(
+        default_factory=list,
+        description="host:port names resolved periodically to encoders (headless Service)",
+    )
+    dns_interval_s: float = Field(10.0, gt=0, description="seconds between DNS refreshes")
+    allow_encoder_registration: bool = Field(
+        False, description="accept POST /v1/encoders/register from encoders (behind the API key)"
+    )
+    encoder_health_interval_s: float = Field(2.0, gt=0, description="seconds between encoder health probes")
+    encode_attempts: int = Field(3, ge=1, description="encoders tried per request before a 503")
+    # data plane (disaggregated mode): where encoders push rows
+    transfer_backend: Literal["mooncake", "zmq"] | None = Field(
+        None, description="mooncake | zmq (default: mooncake where it imports, else zmq)"
+    )
+    transfer_host: str = Field("127.0.0.1", description="address encoders reach this node's buffers at")
+    transfer_port: int = Field(0, ge=0, le=65535, description="ZMQ control/data port (0: a free one)")
+    mooncake_protocol: str = Field("tcp", description="tcp | rdma")
+    mooncake_device: str = Field("", description="RDMA device names (empty for tcp)")
+    mm_buffer_bytes: int = Field(256 * 2**20, ge=2**20, description="receive pool for vision rows, bytes")
+    mm_block_size: int = Field(256, ge=1, description="rows per receive-pool block")
+    mm_initial_rows: int = Field(1024, ge=1, description="rows a room gets before the encoder asks to resume")
+    transfer_ttl_s: float = Field(60.0, gt=0, description="a room not filled within this fails and is freed")
     dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
     # KV cache
@@ -48,6 +70,16 @@ class LanguageSettings(BaseModel):
     # debugging
     debug_endpoints: bool = Field(False, description="expose GET /debug/engine (scheduler state)")
     log_level: str = "info"
+
+    @property
+    def backend(self) -> str:
+        if self.transfer_backend:
+            return self.transfer_backend
+        try:
+            import mooncake.engine  # noqa: F401
+        except ImportError:
+            return "zmq"
+        return "mooncake"
 
     @property
     def model_name(self) -> str:

@@ -99,10 +99,39 @@ def build_app(serving: Serving, settings, debug_info=None) -> FastAPI:
     async def metrics() -> Response:
         return Response(generate_latest(serving.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/server_info")
+    async def server_info() -> dict:
+        """What routers (sglang-router) read to label this worker."""
+        return {
+            "served_model_name": settings.model_name,
+            "model_path": settings.model,
+            "mode": settings.mode,
+            "max_model_len": serving.max_model_len,
+        }
+
+    @app.get("/model_info")
+    async def model_info() -> dict:
+        return {
+            "model_path": settings.model,
+            "is_generation": True,
+            "model_type": "qwen3_vl_moe",
+            "architectures": ["Qwen3VLMoeForConditionalGeneration"],
+        }
+
+    provider = serving.provider
+    registry = getattr(provider, "registry", None)
+    if registry is not None:
+        from language_server.mm.discovery import registration_router
+
+        app.include_router(registration_router(registry, dependencies=v1))
+    if hasattr(provider, "start"):  # disaggregated: discovery and health probes from the start
+        app.router.on_startup.append(provider._ensure_started)
+
     if settings.debug_endpoints:
 
         @app.get("/debug/engine")
         async def debug() -> dict:
-            return {**serving.engine.stats(), **(debug_info() if debug_info else {})}
+            extra = provider.debug() if hasattr(provider, "debug") else {}
+            return {**serving.engine.stats(), **extra, **(debug_info() if debug_info else {})}
 
     return app

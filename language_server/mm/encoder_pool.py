@@ -145,7 +145,7 @@ class EncoderPool:
             errors.append(err)
             enc.failures += 1
             enc.last_error = err
-            if resp is None or resp.status == "error":
+            if resp is None or resp.status == "error":  # not "transfer_failed": that may be our side
                 enc.healthy = False  # out of rotation until a probe says otherwise
             log.warning(
                 "encode attempt %d failed (%s); %s",

@@ -22,14 +22,9 @@ OVERLAYS = ("cpu-dev", "gpu-rdma")
 # A flag in neither the real --help nor this list is a typo and fails the tests.
 PENDING_FLAGS = {
     "language-server": {
-        "--transfer-backend",
-        "--encoder-dns",
-        "--transfer-host",
         "--device",
-        "--mooncake-protocol",
-        "--mooncake-device",
     },
-    "encode-server": {"--device", "--mooncake-protocol", "--mooncake-device"},
+    "encode-server": {"--device"},
 }
 
 
