@@ -26,9 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=".models/small", help="checkpoint directory (small preset)")
     parser.add_argument("--quick", action="store_true", help="short run: 8 requests, shorter prompts/outputs")
     parser.add_argument("--requests", type=int, default=96, help="requests in the workload")
-    parser.add_argument("--sequential-requests", type=int, default=16,
-                        help="the one-at-a-time contenders (ours c=1, HF sequential) run only the first N "
-                        "requests: their tokens/s does not depend on N, their run time does")
+    parser.add_argument(
+        "--sequential-requests",
+        type=int,
+        default=16,
+        help="the one-at-a-time contenders (ours c=1, HF sequential) run only the first N "
+        "requests: their tokens/s does not depend on N, their run time does",
+    )
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrencies")
     parser.add_argument(
         "--hf-batch", type=int, default=32, help="padded batch size of the HF batch contender"
