@@ -7,7 +7,9 @@ Each server declares its settings as a pydantic model with `extra="forbid"` and 
 
 from __future__ import annotations
 
+import argparse
 import os
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -63,3 +65,34 @@ def load_settings(
 def describe(settings: BaseModel) -> str:
     """One line per option, for the start-up log."""
     return "\n".join(f"  {k} = {v!r}" for k, v in settings.model_dump().items())
+
+
+def _cli_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else text
+
+
+def _comma_list(text: str) -> list[str]:
+    return [x for x in text.split(",") if x]
+
+
+def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """A `--kebab-name` flag for every field the parser does not define yet (explicit flags keep their
+    own help). Booleans get --x/--no-x, lists take comma-separated values, the rest YAML scalars;
+    the pydantic model validates whatever comes in."""
+    taken = set(parser._option_string_actions)
+    group = parser.add_argument_group("other options (same names as in the YAML settings file)")
+    for name, field in model.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in taken:
+            continue
+        ann = field.annotation
+        args = typing.get_args(ann)
+        doc = (field.description or "").replace("%", "%%")
+        default = field.default if field.default is not None else "null"
+        help_ = f"{doc} (default: {default})" if doc else f"(default: {default})"
+        if ann is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif typing.get_origin(ann) is list or any(typing.get_origin(a) is list for a in args):
+            group.add_argument(flag, type=_comma_list, metavar="A,B,...", help=help_)
+        else:
+            group.add_argument(flag, type=_cli_value, metavar=name.upper(), help=help_)

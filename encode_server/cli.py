@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from deepsplit.settings import SettingsError, describe, load_settings
+from deepsplit.settings import SettingsError, add_field_flags, describe, load_settings
 from encode_server.config import EncodeSettings
 
 
@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--advertise-url", help="URL language servers reach this encoder at (default http://host:port)"
     )
     p.add_argument("--log-level")
+    add_field_flags(p, EncodeSettings)
     return p.parse_args(argv)
 
 

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from deepsplit.settings import SettingsError, describe, load_settings
+from deepsplit.settings import SettingsError, add_field_flags, describe, load_settings
 from language_server.config import LanguageSettings
 
 
@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--allow-http-images", action="store_true", default=None, help="fetch http(s) image URLs")
     p.add_argument("--debug-endpoints", action="store_true", default=None, help="expose GET /debug/engine")
     p.add_argument("--log-level")
+    add_field_flags(p, LanguageSettings)
     return p.parse_args(argv)
 
 
