@@ -210,6 +210,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--languages", type=int)
     parser.add_argument("--backend", choices=["mooncake", "zmq"])
     parser.add_argument("--host")
+    parser.add_argument("--language-base-port", type=int, help="language server i listens on this + i")
+    parser.add_argument("--encoder-base-port", type=int, help="encoder j listens on this + j")
+    parser.add_argument("--router-port", type=int, help="the router's port (languages > 1)")
+    parser.add_argument("--router-metrics-port", type=int, help="the router's Prometheus port")
     parser.add_argument("--router", choices=["sglang", "none"], help="router in front of >1 language servers")
     parser.add_argument("--router-policy", choices=list(POLICIES))
     parser.add_argument(
@@ -218,7 +222,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ClusterSettings:
-    keys = ("model", "encoders", "languages", "backend", "host", "router", "router_policy")
+    keys = (
+        "model",
+        "encoders",
+        "languages",
+        "backend",
+        "host",
+        "router",
+        "router_policy",
+        "language_base_port",
+        "encoder_base_port",
+        "router_port",
+        "router_metrics_port",
+    )
     return load_settings(ClusterSettings, args.config, {k: getattr(args, k) for k in keys})
 
 

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     from openai import OpenAI
 
     settings = settings_from_args(args)
-    cluster = Cluster(settings, args.log_dir)
+    log_dir = args.log_dir or ".logs"  # keep the servers' own output out of the demo's
+    cluster = Cluster(settings, log_dir)
     print(
         f"deepsplit demo: starting {settings.encoders} encode server(s) and {settings.languages} language "
         f"server(s) on {settings.model} ({settings.backend} transfer) ...",
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print("\nready:")
     print_endpoints(cluster)
+    print(f"  server logs      {log_dir}/")
     print(f"\nuser: [image] {args.prompt}")
     print(f"assistant: {resp.choices[0].message.content}")
     print(

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     logging.getLogger(__name__).info("encode-server settings:\n%s", describe(settings))
     import torch
     import uvicorn

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
     logging.getLogger(__name__).info("language-server settings:\n%s", describe(settings))
     from language_server.server import LanguageServer
 
