@@ -44,6 +44,9 @@ class LanguageSettings(BaseModel):
     mm_buffer_bytes: int = Field(256 * 2**20, ge=2**20, description="receive pool for vision rows, bytes")
     mm_block_size: int = Field(256, ge=1, description="rows per receive-pool block")
     mm_initial_rows: int = Field(1024, ge=1, description="rows a room gets before the encoder asks to resume")
+    mm_grow_on_begin: bool = Field(
+        True, description="grow a room at the encoder's handshake when blocks are free (else it resumes)"
+    )
     transfer_ttl_s: float = Field(60.0, gt=0, description="a room not filled within this fails and is freed")
     dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")

@@ -262,6 +262,7 @@ class TransferReceiver:
             return  # back-pressure: retried on every loop until blocks free up or the deadline passes
         room.blocks.extend(got)
         room.want = None
+        self.rooms.counters["resumes"] += 1
         self._send(room.peer, m.Resume(room=room.id, block_ids=room.blocks, sent_rows=sent))
 
     def _on_data(self, peer: bytes, msg: m.Data) -> None:

@@ -57,6 +57,7 @@ class DisaggregatedProvider(MultimodalProvider):
                 mooncake_protocol=settings.mooncake_protocol,
                 mooncake_device=settings.mooncake_device,
                 room_ttl_s=settings.transfer_ttl_s,
+                grow_on_begin=settings.mm_grow_on_begin,
             ),
         )
         self.pool = EncoderPool(

@@ -137,9 +137,18 @@ def cluster(tiny_model_dir, tmp_path_factory):
             "--transfer-host",
             HOST,
         ]
-        procs["zmq"] = language(tiny_model_dir, tmp, "zmq", *common, "--transfer-backend", "zmq")
+        # small rooms: the ZMQ node grows them at the handshake, the Mooncake node makes encoders resume
+        small = ["--mm-block-size", "8", "--mm-initial-rows", "8"]
+        procs["zmq"] = language(tiny_model_dir, tmp, "zmq", *common, *small, "--transfer-backend", "zmq")
         procs["mooncake"] = language(
-            tiny_model_dir, tmp, "mooncake", *common, "--transfer-backend", "mooncake"
+            tiny_model_dir,
+            tmp,
+            "mooncake",
+            *common,
+            *small,
+            "--no-mm-grow-on-begin",
+            "--transfer-backend",
+            "mooncake",
         )
         procs["mono"] = language(tiny_model_dir, tmp, "mono", "--mode", "monolithic")
         for p in procs.values():

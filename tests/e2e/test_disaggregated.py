@@ -84,6 +84,8 @@ def test_greedy_identical_across_zmq_mooncake_monolithic_and_transformers(case, 
     for mode in ("zmq", "mooncake"):
         assert chat(cluster[mode].url, messages, stream=True) == want
         assert pool_used(cluster[mode]) == 0
+    transfer = httpx.get(cluster["mooncake"].url + "/debug/engine").json()["transfer"]
+    assert transfer["resumes"] >= 2 and transfer.get("failed", 0) == 0  # rooms of 8 rows: resumed
 
 
 def test_both_encoders_take_load_and_text_needs_none(cluster):
