@@ -32,6 +32,7 @@ def make_payload(seed: int, n: int, v: int, hidden: int, nds: int, dtype: str) -
 def serve(conn) -> None:
     sender = TransferSender(SenderSettings())
     lock = threading.Lock()
+    conn.send(("ready", None))
 
     def run(tag, desc, seed, shape, deadline_s):
         try:
@@ -57,6 +58,8 @@ class SenderProcess:
         self.proc = ctx.Process(target=serve, args=(child,), daemon=True)
         self.proc.start()
         self._results: dict[str, tuple] = {}
+        if not self.conn.poll(120) or self.conn.recv()[0] != "ready":  # imports done: rooms may open
+            raise RuntimeError("the sender process did not start")
 
     def submit(self, desc: dict, seed: int, shape: tuple, deadline_s: float | None = None) -> str:
         tag = uuid.uuid4().hex
