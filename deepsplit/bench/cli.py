@@ -9,6 +9,7 @@ BENCHES = {
     "transfer": "deepsplit.bench.transfer",
     "serve": "deepsplit.bench.serve",
     "model": "deepsplit.bench.model",
+    "serve-images": "deepsplit.bench.serve_images",
 }
 
 

@@ -113,7 +113,7 @@ def test_room_larger_than_pool_fails_cleanly(backend, make_receiver, sender):
 
 
 def test_sender_killed_mid_transfer_fails_room_and_frees_blocks(backend, make_receiver):
-    rx = make_receiver(backend, num_blocks=8, room_ttl_s=1.5, grow_on_begin=False, quarantine_s=0.5)
+    rx = make_receiver(backend, num_blocks=8, room_ttl_s=3, grow_on_begin=False, quarantine_s=0.5)
     peer = SenderProcess()
     hog = rx.open_room(16 * 7)
     victim = rx.open_room(16)  # pool now full: the victim's resume will wait
