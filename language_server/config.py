@@ -33,6 +33,9 @@ class LanguageSettings(BaseModel):
     )
     encoder_health_interval_s: float = Field(2.0, gt=0, description="seconds between encoder health probes")
     encode_attempts: int = Field(3, ge=1, description="encoders tried per request before a 503")
+    encoder_probe_timeout_s: float = Field(
+        5.0, gt=0, description="an encoder whose GET /health takes longer leaves the rotation"
+    )
     # data plane (disaggregated mode): where encoders push rows
     transfer_backend: Literal["mooncake", "zmq"] | None = Field(
         None, description="mooncake | zmq (default: mooncake where it imports, else zmq)"
@@ -47,7 +50,12 @@ class LanguageSettings(BaseModel):
     mm_grow_on_begin: bool = Field(
         True, description="grow a room at the encoder's handshake when blocks are free (else it resumes)"
     )
-    transfer_ttl_s: float = Field(60.0, gt=0, description="a room not filled within this fails and is freed")
+    transfer_ttl_s: float = Field(30.0, gt=0, description="a room not filled within this fails and is freed")
+    transfer_stale_write_guard_s: float = Field(
+        600.0,
+        gt=0,
+        description="Mooncake: a failed room's blocks wait for its sender to report back, at most this",
+    )
     dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
     # KV cache

@@ -65,6 +65,12 @@ class ReceiverSettings(BaseModel):
     mooncake_protocol: str = Field("tcp", description="tcp | rdma")
     mooncake_device: str = Field("", description="RDMA device names, e.g. mlx5_0 (empty for tcp)")
     room_ttl_s: float = Field(60.0, gt=0, description="a room not done within this is failed and freed")
+    stale_write_guard_s: float = Field(
+        600.0,
+        gt=0,
+        description="Mooncake: blocks of a failed room stay unused until its sender reports back (its "
+        "write returned) or this long, so a write delayed by a partition never lands in another room",
+    )
     grow_on_begin: bool = Field(
         True, description="grow a room at the handshake when the sender announces more rows (saves a resume)"
     )

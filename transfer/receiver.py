@@ -51,14 +51,12 @@ class ReceivedRoom:
 
 
 class TransferReceiver:
-    def __init__(
-        self, spec: BufferSpec, settings: ReceiverSettings, quarantine_s: float | None = None
-    ) -> None:
+    def __init__(self, spec: BufferSpec, settings: ReceiverSettings) -> None:
         self.spec, self.settings = spec, settings
         self.id = uuid.uuid4().hex
         self.buffers = MultimodalDataBuffers(spec)
         self.allocator = BlockAllocator(spec.num_blocks)
-        self.rooms = RoomTable(self.allocator, settings.room_ttl_s if quarantine_s is None else quarantine_s)
+        self.rooms = RoomTable(self.allocator, settings.stale_write_guard_s)
         self.backend = receiver_backend(settings.backend, settings)
         self.session, addrs = self.backend.register(self.buffers.regions())
         self._row_bytes = {n: self.buffers.row_bytes(n) for n in NAMES}
@@ -207,6 +205,10 @@ class TransferReceiver:
         self._skip_rest()
         room = self.rooms.get(msg.room)
         if room is None:
+            if self.rooms.writer_done(msg.room, peer):
+                log.info(
+                    "transfer: the sender of failed room %s is done writing; its blocks are free", msg.room
+                )
             if not isinstance(msg, m.Abort | m.Ack):
                 why = self.rooms.outcome(msg.room) or "unknown room"
                 log.info("transfer: late %s for room %s (%s), ignored", type(msg).__name__, msg.room, why)

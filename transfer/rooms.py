@@ -2,7 +2,8 @@
 
 A room is opened with its first blocks (OPEN), claimed by one sender connection (RECEIVING), may
 wait for more blocks (resume), and ends DONE (handed out, blocks held until released) or failed
-(blocks freed at once, or after a quarantine when a sender may still be writing out of band).
+(blocks freed at once; or, when its sender may still be writing out of band (Mooncake), held in
+quarantine until that sender is heard from again — its write has returned — or a long guard time).
 Thread-safe; no sockets, no tensors.
 """
 
@@ -47,7 +48,9 @@ class RoomTable:
         self.rooms: dict[str, Room] = {}
         self.finished: collections.OrderedDict[str, str] = collections.OrderedDict()  # id -> outcome
         self._recent = recent
-        self._quarantine: list[tuple[float, list[int]]] = []
+        self._quarantine: dict[
+            str, tuple[float, list[int], bytes | None]
+        ] = {}  # room -> (until, blocks, peer)
         self.lock = threading.RLock()
         self.counters = collections.Counter()
 
@@ -71,7 +74,7 @@ class RoomTable:
             del self.rooms[room_id]
             self._finish(room_id, "failed: " + reason)
             if out_of_band_writer and room.state is State.RECEIVING:
-                self._quarantine.append((time.monotonic() + self.quarantine_s, room.blocks))
+                self._quarantine[room_id] = (time.monotonic() + self.quarantine_s, room.blocks, room.peer)
             else:
                 self.alloc.free(room.blocks)
             self.counters["failed"] += 1
@@ -100,13 +103,23 @@ class RoomTable:
         with self.lock:
             return self.finished.get(room_id)
 
+    def writer_done(self, room_id: str, peer: bytes) -> bool:
+        """The sender of a quarantined room spoke again (its write returned): free the blocks."""
+        with self.lock:
+            q = self._quarantine.get(room_id)
+            if q is None or q[2] != peer:
+                return False
+            del self._quarantine[room_id]
+            self.alloc.free(q[1])
+            return True
+
     def expired(self, now: float) -> list[Room]:
         with self.lock:
-            due = [q for q in self._quarantine if q[0] <= now]
-            if due:
-                self._quarantine = [q for q in self._quarantine if q[0] > now]
-                for _, blocks in due:
+            for room_id, (until, blocks, _) in list(self._quarantine.items()):
+                if until <= now:  # the sender never came back (dead, or partitioned for very long)
+                    del self._quarantine[room_id]
                     self.alloc.free(blocks)
+                    self.counters["quarantine_timeouts"] += 1
             return [r for r in self.rooms.values() if r.state is not State.DONE and r.deadline <= now]
 
     def waiting_resume(self) -> list[Room]:
@@ -116,7 +129,7 @@ class RoomTable:
     @property
     def quarantined_blocks(self) -> int:
         with self.lock:
-            return sum(len(b) for _, b in self._quarantine)
+            return sum(len(q[1]) for q in self._quarantine.values())
 
     def _finish(self, room_id: str, outcome: str) -> None:
         self.finished[room_id] = outcome

@@ -57,6 +57,7 @@ class DisaggregatedProvider(MultimodalProvider):
                 mooncake_protocol=settings.mooncake_protocol,
                 mooncake_device=settings.mooncake_device,
                 room_ttl_s=settings.transfer_ttl_s,
+                stale_write_guard_s=settings.transfer_stale_write_guard_s,
                 grow_on_begin=settings.mm_grow_on_begin,
             ),
         )
@@ -65,6 +66,7 @@ class DisaggregatedProvider(MultimodalProvider):
             timeout_s=settings.encode_timeout_s,
             health_interval_s=settings.encoder_health_interval_s,
             max_attempts=settings.encode_attempts,
+            probe_timeout_s=settings.encoder_probe_timeout_s,
         )
         self.registry = EncoderRegistry() if settings.allow_encoder_registration else None
         self.discovery = EncoderDiscovery(

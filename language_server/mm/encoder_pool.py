@@ -45,12 +45,19 @@ class EncoderPool:
         timeout_s: float = 60.0,
         health_interval_s: float = 2.0,
         max_attempts: int = 3,
+        probe_timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.encoders: dict[str, EncoderState] = {}
         self.set_urls(urls)
         self.timeout_s, self.health_interval_s, self.max_attempts = timeout_s, health_interval_s, max_attempts
-        self._client = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=2.0), transport=transport)
+        self.probe_timeout_s = probe_timeout_s
+        # idle connections expire before uvicorn's 5 s keep-alive closes them (else a reused one races)
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=2.0),
+            limits=httpx.Limits(keepalive_expiry=2.0),
+            transport=transport,
+        )
         self._task: asyncio.Task | None = None
         self._rr = 0
 
@@ -96,7 +103,7 @@ class EncoderPool:
 
     async def _probe(self, e: EncoderState) -> None:
         try:
-            r = await self._client.get(f"{e.url}/health", timeout=min(10.0, self.timeout_s))
+            r = await self._client.get(f"{e.url}/health", timeout=self.probe_timeout_s)
             ok = r.status_code == 200
             err = "" if ok else f"health returned {r.status_code}"
         except httpx.HTTPError as exc:
@@ -155,14 +162,14 @@ class EncoderPool:
             )
             await on_failed_attempt(req)
         detail = "; ".join(errors) if errors else "no healthy encode server"
-        raise EncoderUnavailable(f"image encoding unavailable: {detail}")
+        raise EncoderUnavailable(f"no encode server could take the request: {detail}")
 
     async def _post(self, enc: EncoderState, req: EncodeRequest) -> EncodeResponse:
         r = await self._client.post(
             f"{enc.url}/v1/encode",
             content=encode(req),
             headers={"content-type": CONTENT_TYPE},
-            timeout=req.deadline_s + 5,
+            timeout=req.deadline_s + 1,  # past its deadline the encoder has given up the room too
         )
         if r.headers.get("content-type", "").startswith(CONTENT_TYPE):
             return decode_response(r.content)

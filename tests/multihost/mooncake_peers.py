@@ -20,8 +20,10 @@ def receiver(ip: str, quarantine_s: float) -> None:
     from transfer import BufferSpec, ReceiverSettings, TransferReceiver, descriptor_to_builtins
 
     spec = BufferSpec(**SPEC)
-    settings = ReceiverSettings(backend="mooncake", host=ip, control_port=31010, room_ttl_s=60.0)
-    rx = TransferReceiver(spec, settings, quarantine_s=quarantine_s)
+    settings = ReceiverSettings(
+        backend="mooncake", host=ip, control_port=31010, room_ttl_s=60.0, stale_write_guard_s=quarantine_s
+    )
+    rx = TransferReceiver(spec, settings)
     blocks: dict[str, list[int]] = {}
 
     def rows(room: str):

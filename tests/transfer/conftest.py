@@ -25,9 +25,9 @@ def make_receiver():
 
     def make(backend: str, **kw) -> TransferReceiver:
         spec_kw = {k: kw.pop(k) for k in list(kw) if k in BufferSpec.model_fields}
-        quarantine = kw.pop("quarantine_s", 0.5)
+        kw.setdefault("stale_write_guard_s", 0.5)
         spec = BufferSpec(**{"hidden": 64, "num_deepstack": 3, "block_size": 16, "num_blocks": 64, **spec_kw})
-        rx = TransferReceiver(spec, ReceiverSettings(backend=backend, **kw), quarantine_s=quarantine)
+        rx = TransferReceiver(spec, ReceiverSettings(backend=backend, **kw))
         made.append(rx)
         return rx
 

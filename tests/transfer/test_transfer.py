@@ -113,7 +113,7 @@ def test_room_larger_than_pool_fails_cleanly(backend, make_receiver, sender):
 
 
 def test_sender_killed_mid_transfer_fails_room_and_frees_blocks(backend, make_receiver):
-    rx = make_receiver(backend, num_blocks=8, room_ttl_s=3, grow_on_begin=False, quarantine_s=0.5)
+    rx = make_receiver(backend, num_blocks=8, room_ttl_s=3, grow_on_begin=False)
     peer = SenderProcess()
     hog = rx.open_room(16 * 7)
     victim = rx.open_room(16)  # pool now full: the victim's resume will wait
@@ -139,3 +139,20 @@ def test_receiver_restart_is_refused(backend, make_receiver, sender):
     assert status == "failed" and "another receiver" in info
     with pytest.raises(RoomFailed):
         rx.wait_room(d["room"], 5)
+
+
+def test_blocks_of_an_aborted_room_return_once_its_sender_stops(backend, make_receiver, sender):
+    """Mooncake writes bypass the receiver: an aborted room's blocks wait for its sender to report back
+    (not for the long guard time); ZMQ frees them at once."""
+    rx = make_receiver(backend, num_blocks=8, grow_on_begin=False, stale_write_guard_s=120)
+    hog = rx.open_room(16 * 7)
+    victim = rx.open_room(16)
+    tag = sender.submit(descriptor_to_builtins(victim), 8, (100, 50, 64, 3, "float32"))
+    stalled = lambda: getattr(rx.rooms.get(victim.room), "want", None) is not None  # noqa: E731
+    wait_until(stalled, what="the victim to wait for a resume")
+    rx.abort(victim.room, "client went away")
+    status, info = sender.result(tag)
+    assert status == "failed" and "client went away" in info
+    rx.abort(hog.room)
+    wait_until(lambda: rx.stats()["blocks_free"] == 8, timeout=10, what="the pool back to full")
+    assert rx.stats().get("quarantine_timeouts", 0) == 0

@@ -81,7 +81,7 @@ def test_bad_request_is_not_retried():
 
 
 def test_all_failing_gives_unavailable_after_bounded_attempts():
-    with pytest.raises(EncoderUnavailable, match="image encoding unavailable"):
+    with pytest.raises(EncoderUnavailable, match="no encode server could take the request"):
         _run({A: "down", B: "error", C: "overloaded"}, lambda p, m, f: p.encode(m, f))
 
 
