@@ -3,7 +3,9 @@
 Callers submit one image (pixel patches + grid) and get a Future of its (embeds, deepstack) rows.
 One worker thread drains the queue: it takes waiting images in arrival order until the patch
 budget is reached, runs ONE forward over them, splits the rows per image and resolves the futures.
-An exception fails every future of that batch, never the worker.
+An exception fails every future of that batch, never the worker. A future cancelled while still
+queued (its request timed out) is skipped. `busy`/`last_progress` let health checks tell a busy
+encoder from a stuck one without queueing behind real work.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -33,6 +36,8 @@ class VisionBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self.batches = 0
         self.images = 0
+        self.last_progress = time.monotonic()  # a batch finished (or the worker started)
+        self._running = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -40,6 +45,10 @@ class VisionBatcher:
         item = _Item(pixels, list(grid))
         self._queue.put(item)
         return item.future
+
+    @property
+    def busy(self) -> bool:
+        return self._running > 0 or not self._queue.empty()
 
     def close(self) -> None:
         self._queue.put(None)
@@ -68,7 +77,10 @@ class VisionBatcher:
             self._pending = None
             if item is None:
                 return
-            batch = self._take_batch(item)
+            batch = [b for b in self._take_batch(item) if b.future.set_running_or_notify_cancel()]
+            if not batch:
+                continue
+            self._running = len(batch)
             try:
                 with torch.no_grad():
                     embeds, deepstack = self.model(
@@ -84,3 +96,6 @@ class VisionBatcher:
                 for b in batch:
                     if not b.future.done():
                         b.future.set_exception(e)
+            finally:
+                self._running = 0
+                self.last_progress = time.monotonic()

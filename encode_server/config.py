@@ -26,6 +26,9 @@ class EncodeSettings(BaseModel):
     allow_http_images: bool = False
     max_concurrent_requests: int = Field(64, ge=1, description="beyond this, encode requests get 503")
     transfer_deadline_s: float = Field(30.0, gt=0)
+    health_progress_s: float = Field(
+        30.0, gt=0, description="busy vision tower counts as healthy if a batch finished this recently"
+    )
     transfer_host: str = Field(
         "127.0.0.1", description="address this node's Mooncake engine binds/advertises"
     )

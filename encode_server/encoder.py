@@ -84,7 +84,14 @@ class Encoder:
             if cached[i] is not None:
                 e, d = cached[i].embeds, cached[i].deepstack
             else:
-                e, d = futures[i].result(timeout=timeout_s)
+                try:
+                    e, d = futures[i].result(timeout=timeout_s)
+                except TimeoutError:
+                    for f in futures.values():
+                        f.cancel()  # still queued: never computed
+                    raise TimeoutError(
+                        f"the vision tower is busy: images not encoded within {timeout_s:.0f}s"
+                    ) from None
                 if keys[i]:
                     self.cache.put(keys[i], CachedRows(tuple(grids[i]), e.clone(), d.clone()))
             embeds.append(e)

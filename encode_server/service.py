@@ -78,6 +78,9 @@ class EncodeService:
             encoded = self.encoder.encode(
                 req.messages, [img for img, _ in loaded], [b for _, b in loaded], timeout_s=req.deadline_s
             )
+        except TimeoutError as e:  # queued behind other work: another encoder may be free
+            self.metrics.requests.labels("overloaded").inc()
+            return EncodeResponse(room=req.room, status="overloaded", message=str(e))
         except BadImage as e:
             self.metrics.requests.labels("bad_request").inc()
             return EncodeResponse(room=req.room, status="bad_request", message=str(e))
@@ -122,11 +125,16 @@ class EncodeService:
         )
 
     def health_probe(self) -> float:
-        """A real (uncached) encode of a small image; returns its duration in seconds."""
+        """A real (uncached) encode of a small image; returns its duration in seconds. While the
+        vision tower is busy and finished a batch recently, that work is the proof of health (a probe
+        queued behind minutes of images would make a busy encoder look dead)."""
+        b = self.encoder.batcher
+        if b.busy and time.monotonic() - b.last_progress < self.settings.health_progress_s:
+            return 0.0
         t = time.perf_counter()
         img = Image.fromarray(np.full((32, 32, 3), 127, dtype=np.uint8))
         pixels, grid = self.encoder.pre.images_to_patches([img])
-        self.encoder.batcher.submit(pixels, grid[0]).result(timeout=30)
+        self.encoder.batcher.submit(pixels, grid[0]).result(timeout=self.settings.health_progress_s)
         return time.perf_counter() - t
 
     def close(self) -> None:

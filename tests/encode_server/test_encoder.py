@@ -88,3 +88,38 @@ def test_lru_cache_is_bounded_by_bytes():
         cache.put(k, rows)
     assert len(cache) == 2 and cache.evictions == 1 and cache.bytes <= 10_000
     assert cache.get("a") is None and cache.get("c") is rows
+
+
+def test_busy_tower_skips_cancelled_work_and_reports_progress(encoder):
+    """A request that timed out cancels its queued images (never computed); `busy`/`last_progress`
+    let the health check vouch for a busy tower without queueing behind it."""
+    from encode_server.batcher import VisionBatcher
+
+    gate = threading.Event()
+    seen = []
+
+    class Gated:
+        merge_unit = encoder.vision.merge_unit
+
+        def __call__(self, pixels, grid):
+            seen.append(grid.tolist())
+            gate.wait(10)
+            return encoder.vision(pixels, grid)
+
+    p, g = encoder.pre.images_to_patches([_img(64, 64, 7)])
+    batcher = VisionBatcher(Gated(), max_batch_patches=p.shape[0])  # one image per forward
+    try:
+        first = batcher.submit(p, g[0])
+        queued = batcher.submit(p, g[0])
+        with pytest.raises(TimeoutError):
+            queued.result(timeout=0.2)
+        assert queued.cancel() and batcher.busy
+        before = batcher.last_progress
+        gate.set()
+        first.result(timeout=30)
+        last = batcher.submit(p, g[0]).result(timeout=30)
+        assert len(seen) == 2 and last[0].shape[0] > 0  # the cancelled image was never computed
+        assert batcher.last_progress > before and not batcher.busy
+    finally:
+        gate.set()
+        batcher.close()
