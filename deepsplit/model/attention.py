@@ -28,8 +28,41 @@ class AttentionMetadata:
     def __post_init__(self) -> None:
         self.num_seqs = len(self.query_lens)
         self.total_lens = [q + c for q, c in zip(self.query_lens, self.context_lens, strict=False)]
+        self.starts = _starts(self.query_lens)  # first step row of each sequence
         # decode sequences come last in a step when the runner orders them so; we do not rely on it
         self.decode_idx = [i for i, q in enumerate(self.query_lens) if q == 1 and self.context_lens[i] > 0]
+        self._decode: _DecodePlan | None = None
+
+    def decode_plan(self, block_size: int) -> _DecodePlan:
+        """What every layer needs to attend the decode sequences; built once per step."""
+        if self._decode is None:
+            self._decode = _DecodePlan.build(self, block_size)
+        return self._decode
+
+
+@dataclass
+class _DecodePlan:
+    rows: torch.Tensor | slice  # step rows of the decode queries (a slice when they are adjacent)
+    blocks: torch.Tensor  # [B * nblk] long: cache blocks to read, sequence after sequence
+    num_blocks: int  # nblk: blocks per sequence after padding to the longest
+    length: int  # L: keys per sequence after padding
+    mask: torch.Tensor | None  # [B, 1, 1, L] bool, None when every sequence has L keys
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, bs: int) -> _DecodePlan:
+        idx = meta.decode_idx
+        lens = [meta.total_lens[i] for i in idx]
+        length = max(lens)
+        nblk = (length + bs - 1) // bs
+        rows_l = [meta.starts[i] for i in idx]
+        adjacent = rows_l == list(range(rows_l[0], rows_l[0] + len(rows_l)))
+        rows = slice(rows_l[0], rows_l[0] + len(rows_l)) if adjacent else torch.tensor(rows_l)
+        tables = meta.block_tables if len(idx) == meta.num_seqs else meta.block_tables[idx]
+        blocks = tables[:, :nblk].reshape(-1)
+        mask = None
+        if min(lens) < length:
+            mask = (torch.arange(length)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
+        return cls(rows, blocks, nblk, length, mask)
 
 
 class PagedKVCache:
@@ -74,17 +107,17 @@ def attention(
     if cache is not None:
         k_cache, v_cache = cache
         slots = meta.slot_mapping
-        k_cache.view(-1, *k.shape[1:])[slots] = k
-        v_cache.view(-1, *v.shape[1:])[slots] = v
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
     out = q.new_empty(T, nh, d)
-    starts = _starts(meta.query_lens)
-    decode = set(meta.decode_idx) if cache is not None else set()
+    decode = meta.decode_idx if cache is not None else []
     if decode:
-        _batched_decode(q, out, meta, cache, starts, sorted(decode), scale)
+        _batched_decode(q, out, meta.decode_plan(cache[0].shape[1]), cache, scale)
+    skip = set(decode)
     for i, qlen in enumerate(meta.query_lens):
-        if i in decode or qlen == 0:
+        if i in skip or qlen == 0:
             continue
-        s = starts[i]
+        s = meta.starts[i]
         qi = q[s : s + qlen].transpose(0, 1)[None]  # [1, nh, q, d]: 4-D inputs take the fused CPU kernel
         ctx = meta.context_lens[i]
         if cache is None or ctx == 0:
@@ -109,30 +142,27 @@ def _starts(lens: list[int]) -> list[int]:
     return starts
 
 
+def _blocks(pool: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows of `pool` [num_blocks, bs, nkv, d] at `blocks` [n] -> [n * bs, nkv, d] (one memcpy per block)."""
+    nb, bs, nkv, d = pool.shape
+    return pool.view(nb, -1).index_select(0, blocks).view(-1, nkv, d)
+
+
 def _gather(cache: tuple[torch.Tensor, torch.Tensor], table: torch.Tensor, length: int):
     """K, V of one sequence as [nkv, length, d]."""
     k_cache, v_cache = cache
-    bs = k_cache.shape[1]
-    blocks = table[: (length + bs - 1) // bs]
-    k = k_cache[blocks].flatten(0, 1)[:length]
-    v = v_cache[blocks].flatten(0, 1)[:length]
+    blocks = table[: (length + k_cache.shape[1] - 1) // k_cache.shape[1]]
+    k, v = _blocks(k_cache, blocks)[:length], _blocks(v_cache, blocks)[:length]
     return k.transpose(0, 1), v.transpose(0, 1)
 
 
-def _batched_decode(q, out, meta, cache, starts, idx, scale) -> None:
+def _batched_decode(q, out, plan: _DecodePlan, cache, scale) -> None:
     """One SDPA call for all single-token decode sequences: keys padded to the longest, masked."""
     k_cache, v_cache = cache
-    bs = k_cache.shape[1]
-    lens = torch.tensor([meta.total_lens[i] for i in idx])
-    max_len = int(lens.max())
-    nblk = (max_len + bs - 1) // bs
-    tables = meta.block_tables[idx, :nblk]  # [B, nblk]
-    k = k_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)  # [B, nkv, L, d]
-    v = v_cache[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
-    rows = torch.tensor([starts[i] for i in idx])
-    nkv = k.shape[1]
+    B, L, nkv, d = plan.blocks.numel() // plan.num_blocks, plan.length, k_cache.shape[2], q.shape[-1]
+    k = _blocks(k_cache, plan.blocks).view(B, -1, nkv, d)[:, :L].transpose(1, 2)  # [B, nkv, L, d]
+    v = _blocks(v_cache, plan.blocks).view(B, -1, nkv, d)[:, :L].transpose(1, 2)
     # the query heads sharing a KV head become that head's queries: [B, nkv, rep, d] (no K/V copies)
-    qb = q[rows].view(len(idx), nkv, -1, q.shape[-1])
-    mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
-    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
-    out[rows] = o.reshape(len(idx), -1, q.shape[-1])
+    qb = q[plan.rows].view(B, nkv, -1, d)
+    o = F.scaled_dot_product_attention(qb, k, v, attn_mask=plan.mask, scale=scale)
+    out[plan.rows] = o.reshape(B, -1, d)
