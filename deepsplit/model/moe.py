@@ -1,8 +1,10 @@
-"""Sparse MoE block: softmax router -> top-k -> renormalise -> grouped expert GEMMs.
+"""Sparse MoE block: softmax router -> top-k -> renormalise -> expert GEMMs.
 
 Expert weights keep the checkpoint's on-disk orientation (`gate_up_proj [E, H, 2I]`,
-`down_proj [E, I, H]`) so `x @ W[e]` needs no transpose. Tokens are sorted by expert once and each
-expert that received tokens runs one GEMM over all of them: no Python loop over tokens.
+`down_proj [E, I, H]`) so `x @ W[e]` needs no transpose. Two dispatches, same result:
+- few rows per expert (decode): every expert's rows padded to the busiest one, `[E, n, H]`, and two
+  `bmm` over all experts — no per-expert Python, the weights are read once (memory-bound anyway);
+- many rows (prefill): tokens sorted by expert, one GEMM per expert that received tokens.
 """
 
 from __future__ import annotations
@@ -10,6 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# padded dispatch while the mean rows per touched expert stay at most this and at least half the
+# experts are touched: there the expert GEMMs are bound by reading weights, padded rows cost little
+PADDED_MAX_ROWS_PER_EXPERT = 32
 
 
 class Router(nn.Module):
@@ -40,23 +46,43 @@ class SparseMoeBlock(nn.Module):
         return top_w.to(x.dtype), top_i
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        T, H = x.shape
         weights, experts = self.route(x)
         flat = experts.reshape(-1)  # [T*k]
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        touched = sum(1 for n in counts if n)
+        if flat.numel() <= PADDED_MAX_ROWS_PER_EXPERT * touched and 2 * touched >= self.num_experts:
+            return self._padded(x, weights, flat, max(counts))
+        return self._grouped(x, weights, flat, counts)
+
+    def _padded(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, n: int) -> torch.Tensor:
+        T, H = x.shape
+        k = self.top_k
+        onehot = F.one_hot(flat, self.num_experts)  # [T*k, E]
+        slot = onehot.cumsum(0).gather(1, flat[:, None]).squeeze(1) - 1  # [T*k] row within its expert
+        xp = x.new_zeros(self.num_experts, n, H)
+        xp[flat, slot] = x[:, None].expand(T, k, H).reshape(T * k, H)
+        h = torch.bmm(xp, self.experts.gate_up_proj)  # [E, n, 2I]
+        g, u = h.chunk(2, dim=-1)
+        act = F.silu(g).mul_(u)  # [E, n, I]
+        y = torch.bmm(act, self.experts.down_proj)  # [E, n, H]
+        ys = y[flat, slot].mul_(weights.reshape(-1, 1))  # [T*k, H]
+        return ys.view(T, k, H).sum(1)
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor, counts) -> torch.Tensor:
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k  # source token of each sorted assignment
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         xs = x[token_of]  # [T*k, H], grouped by expert
         ys = torch.empty_like(xs)
+        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             end = start + n
-            h = xs[start:end] @ self.experts.gate_up_proj[e]  # [n, 2I]
+            h = xs[start:end] @ gate_up[e]  # [n, 2I]
             g, u = h.chunk(2, dim=-1)
             act = F.silu(g, inplace=True).mul_(u)  # [n, I], in place on the temporary h
-            torch.mm(act, self.experts.down_proj[e], out=ys[start:end])
+            torch.mm(act, down[e], out=ys[start:end])
             start = end
         ys.mul_(weights.reshape(-1)[order, None])
         return torch.zeros_like(x).index_add_(0, token_of, ys)
