@@ -1,4 +1,5 @@
-"""Model-agnostic layers: RMSNorm, rotary application, interleaved M-RoPE tables, dense MLP."""
+"""Model-agnostic layers: RMSNorm, rotary application, interleaved M-RoPE tables, dense MLP, and the
+lm_head product with its argmax fused."""
 
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ class DenseMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def logits_and_argmax(
+    weight: torch.Tensor, hidden: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [V, H], hidden [B, H] -> (logits [B, V] float32, their argmax [B]).
+
+    Computed as `W @ h^T` (with W row-major 1.5x (B=32) to 4x (B=4) faster on CPU than `h @ W^T`),
+    the vocabulary in chunks: each chunk's product is reduced to its best row while it is still in
+    cache, so greedy rows never read the logits back (a strided argmax over [B, V] costs ~10% of the
+    product at B=32). `out` (>= V*B elements of weight's dtype) receives the logits; the returned
+    view is valid until `out` is written again."""
+    V, B = weight.shape[0], hidden.shape[0]
+    buf = (weight.new_empty(V * B) if out is None else out[: V * B]).view(V, B)
+    hT = hidden.t().contiguous()  # [H, B]
+    step = min(V, max(2048, (1 << 17) // B))
+    best_v, best_i = [], []
+    for a in range(0, V, step):
+        m, i = torch.mm(weight[a : a + step], hT, out=buf[a : a + step]).max(0)  # [B] each
+        best_v.append(m)
+        best_i.append(i + a)
+    j = torch.stack(best_v).argmax(0, keepdim=True)  # [1, B]: the chunk holding each row's best
+    return buf.t().float(), torch.stack(best_i).gather(0, j)[0]

@@ -13,7 +13,7 @@ from torch import nn
 
 from deepsplit.model.attention import AttentionMetadata, PagedKVCache, attention
 from deepsplit.model.config import TextConfig
-from deepsplit.model.layers import DenseMLP, MRotaryEmbedding, RMSNorm, apply_rotary
+from deepsplit.model.layers import DenseMLP, MRotaryEmbedding, RMSNorm, apply_rotary, logits_and_argmax
 from deepsplit.model.moe import SparseMoeBlock
 
 
@@ -118,5 +118,15 @@ class Qwen3MoeForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta, kv_cache, inputs_embeds, input_deepstack_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [B, H] (rows to sample from) -> logits [B, V] in float32."""
-        return self.lm_head(hidden).float()
+        """hidden: [B, H] (rows to sample from) -> logits [B, V] in float32.
+
+        Computed as `W @ h^T`: with W [V, H] row-major that is 1.5x (B=32) to 4x (B=4) faster on CPU
+        than `h @ W^T` (F.linear); the result is a transposed view."""
+        return torch.mm(self.lm_head.weight, hidden.t()).t().float()
+
+    def logits_and_argmax(
+        self, hidden: torch.Tensor, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [B, H] -> (logits [B, V] float32, their argmax [B]): `compute_logits` with the argmax
+        fused (see `layers.logits_and_argmax`); `out` receives the logits."""
+        return logits_and_argmax(self.lm_head.weight, hidden, out)

@@ -39,6 +39,7 @@ class ModelRunner:
         self._vision: dict[str, _Vision] = {}
         self._generators: dict[str, torch.Generator] = {}
         self.last_step_s = 0.0
+        self._logits_buf = torch.empty(0, dtype=self.dtype)
 
     @staticmethod
     def blocks_for_bytes(cfg, nbytes: int, block_size: int, dtype: torch.dtype) -> int:
@@ -71,7 +72,10 @@ class ModelRunner:
     def run(self, out: SchedulerOutput) -> dict[str, int]:
         t0 = time.perf_counter()
         bs = self.block_size
-        ids, pos, slots, vis_parts, sample_rows, sample_seqs = [], [], [], [], [], []
+        ids: list[int] = []
+        slots: list[int] = []
+        pos: list = []  # per sequence: a range of text positions (all three axes) or a [3, n] tensor
+        vis_parts, sample_rows, sample_seqs = [], [], []
         qlens, clens, tables = [], [], []
         row = 0
         for s in out.scheduled:
@@ -79,9 +83,8 @@ class ModelRunner:
             b = a + n
             ids.extend(seq.token_ids(a, b))
             pos.append(self._positions(seq, a, b))
-            table = torch.tensor(seq.block_ids, dtype=torch.long)
-            p = torch.arange(a, b)
-            slots.append(table[p // bs] * bs + p % bs)
+            table = seq.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(a, b))
             tables.append(table)
             qlens.append(n)
             clens.append(a)
@@ -97,33 +100,36 @@ class ModelRunner:
                 sample_seqs.append(seq)
             row += n
         width = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), width, dtype=torch.long)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
         ids_t = torch.tensor(ids, dtype=torch.long)
-        meta = AttentionMetadata(qlens, clens, torch.cat(slots), block_tables)
+        meta = AttentionMetadata(qlens, clens, torch.tensor(slots, dtype=torch.long), block_tables)
         emb, ds = self._vision_inputs(ids_t, vis_parts)
-        hidden = self.lm(ids_t, torch.cat(pos, dim=1), meta, self.kv, emb, ds)
+        hidden = self.lm(ids_t, _stack_positions(pos), meta, self.kv, emb, ds)
         self._release_consumed(out)
         result: dict[str, int] = {}
         if sample_rows:
-            logits = self._logits(hidden[torch.tensor(sample_rows)])
-            toks = sample(logits, [self._row_params(seq) for seq in sample_seqs])
+            if len(sample_rows) < row:
+                hidden = hidden[torch.tensor(sample_rows)]
+            logits, best = self._logits(hidden)
+            toks = sample(logits, [self._row_params(seq) for seq in sample_seqs], best)
             result = {seq.id: t for seq, t in zip(sample_seqs, toks, strict=True)}
         self.last_step_s = time.perf_counter() - t0
         return result
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, H] -> [B, V] float32. Same product as `lm.compute_logits`, computed as `W @ h^T`: with
-        W [V, H] row-major that is 1.5x (B=32) to 4x (B=4) faster on CPU than `h @ W^T` (F.linear).
-        TODO(model): move into `Qwen3MoeForCausalLM.compute_logits` and drop this."""
-        return torch.mm(self.lm.lm_head.weight, hidden.t()).t().float()
+    def _logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, H] -> (logits [B, V] float32, argmax [B]); the logits live in a buffer kept across steps
+        (no fresh 20 MB per step), valid until the next step."""
+        need = self.lm.lm_head.weight.shape[0] * hidden.shape[0]
+        if self._logits_buf.numel() < need:
+            self._logits_buf = self.lm.lm_head.weight.new_empty(need)
+        return self.lm.logits_and_argmax(hidden, self._logits_buf)
 
-    def _positions(self, seq, a: int, b: int) -> torch.Tensor:
-        """[3, b - a] M-RoPE positions of tokens [a, b): the prompt's own, then index + delta."""
+    def _positions(self, seq, a: int, b: int) -> range | torch.Tensor:
+        """M-RoPE positions of tokens [a, b): the prompt's own [3, b - a], then index + delta (a range
+        when all three axes are equal)."""
         v = self._vision.get(seq.id)
-        if v is None:
-            return torch.arange(a + seq.mrope_delta, b + seq.mrope_delta).expand(3, -1)
+        if v is None or a >= v.is_image.numel():
+            return range(a + seq.mrope_delta, b + seq.mrope_delta)
         n = v.is_image.numel()
         parts = []
         if a < n:
@@ -168,3 +174,12 @@ class ModelRunner:
             if gen is None:
                 gen = self._generators[seq.id] = torch.Generator().manual_seed(p.seed)
         return RowParams(p.temperature, p.top_p, p.top_k, gen)
+
+
+def _stack_positions(parts: list) -> torch.Tensor:
+    """Per-sequence positions (ranges or [3, n] tensors) -> [3, T]."""
+    if all(isinstance(p, range) for p in parts):
+        return torch.tensor([i for p in parts for i in p], dtype=torch.long).expand(3, -1)
+    return torch.cat(
+        [torch.tensor(p, dtype=torch.long).expand(3, -1) if isinstance(p, range) else p for p in parts], dim=1
+    )

@@ -21,10 +21,10 @@ class RowParams:
     generator: torch.Generator | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[RowParams]) -> list[int]:
-    """logits: [B, V] float32 -> B token ids."""
+def sample(logits: torch.Tensor, rows: list[RowParams], argmax: torch.Tensor | None = None) -> list[int]:
+    """logits: [B, V] float32 -> B token ids. `argmax` [B], if given, is `logits.argmax(-1)`."""
     B, V = logits.shape
-    out = logits.argmax(dim=-1)  # [B]
+    out = logits.argmax(dim=-1) if argmax is None else argmax.clone()  # [B]
     idx = [i for i, r in enumerate(rows) if r.temperature > 0]
     if not idx:
         return out.tolist()
