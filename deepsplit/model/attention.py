@@ -2,8 +2,8 @@
 
 A step's tokens are laid out sequence after sequence (`[T, ...]`). `AttentionMetadata` says how
 many new tokens each sequence has and how many it already cached; the runner builds it, this
-module only reads it. Decode-only sequences are attended in one batched call; prefill chunks one
-call per sequence. Without a cache each sequence attends to its own new tokens only.
+module only reads it. Single-token decodes are attended in a few padded calls (sequences grouped by
+length); prefill chunks one call per sequence. Without a cache each sequence attends to its own new tokens only.
 """
 
 from __future__ import annotations
@@ -31,12 +31,20 @@ class AttentionMetadata:
         self.starts = _starts(self.query_lens)  # first step row of each sequence
         # decode sequences come last in a step when the runner orders them so; we do not rely on it
         self.decode_idx = [i for i, q in enumerate(self.query_lens) if q == 1 and self.context_lens[i] > 0]
-        self._decode: _DecodePlan | None = None
+        self._decode: list[_DecodePlan] | None = None
 
-    def decode_plan(self, block_size: int) -> _DecodePlan:
-        """What every layer needs to attend the decode sequences; built once per step."""
+    def decode_plans(self, k_cache: torch.Tensor) -> list[_DecodePlan]:
+        """What every layer needs to attend the decode sequences, one plan per group of similar
+        lengths (see DECODE_GROUP_BYTES); built once per step. k_cache: [blocks, bs, nkv, d]."""
         if self._decode is None:
-            self._decode = _DecodePlan.build(self, block_size)
+            _, bs, nkv, d = k_cache.shape
+            cap = DECODE_GROUP_BYTES // (2 * nkv * d * k_cache.element_size())  # keys per group
+            lens = [self.total_lens[i] for i in self.decode_idx]
+            order = sorted(range(len(lens)), key=lens.__getitem__)
+            groups = _length_groups([lens[j] for j in order], DECODE_GROUP_OVERHEAD_KEYS, cap)
+            self._decode = [
+                _DecodePlan.build(self, [self.decode_idx[j] for j in order[a:b]], bs) for a, b in groups
+            ]
         return self._decode
 
 
@@ -49,20 +57,27 @@ class _DecodePlan:
     mask: torch.Tensor | None  # [B, 1, 1, L] bool, None when every sequence has L keys
 
     @classmethod
-    def build(cls, meta: AttentionMetadata, bs: int) -> _DecodePlan:
-        idx = meta.decode_idx
+    def build(cls, meta: AttentionMetadata, idx: list[int], bs: int) -> _DecodePlan:
         lens = [meta.total_lens[i] for i in idx]
         length = max(lens)
         nblk = (length + bs - 1) // bs
         rows_l = [meta.starts[i] for i in idx]
         adjacent = rows_l == list(range(rows_l[0], rows_l[0] + len(rows_l)))
         rows = slice(rows_l[0], rows_l[0] + len(rows_l)) if adjacent else torch.tensor(rows_l)
-        tables = meta.block_tables if len(idx) == meta.num_seqs else meta.block_tables[idx]
+        tables = meta.block_tables if idx == list(range(meta.num_seqs)) else meta.block_tables[idx]
         blocks = tables[:, :nblk].reshape(-1)
         mask = None
         if min(lens) < length:
             mask = (torch.arange(length)[None, :] < torch.tensor(lens)[:, None])[:, None, None, :]
         return cls(rows, blocks, nblk, length, mask)
+
+
+# Decode sequences attend in groups of similar length, one gather + SDPA per group: padding to a
+# group's longest wastes less than to the batch's longest, and a group's gathered K/V (at most
+# DECODE_GROUP_BYTES) is still in cache when SDPA reads it — 4-5x faster than one call for 32
+# sequences x 256 keys (16 MB). A group costs about DECODE_GROUP_OVERHEAD_KEYS keys of launches.
+DECODE_GROUP_OVERHEAD_KEYS = 256
+DECODE_GROUP_BYTES = 4 << 20
 
 
 class PagedKVCache:
@@ -112,7 +127,8 @@ def attention(
     out = q.new_empty(T, nh, d)
     decode = meta.decode_idx if cache is not None else []
     if decode:
-        _batched_decode(q, out, meta.decode_plan(cache[0].shape[1]), cache, scale)
+        for plan in meta.decode_plans(cache[0]):
+            _batched_decode(q, out, plan, cache, scale)
     skip = set(decode)
     for i, qlen in enumerate(meta.query_lens):
         if i in skip or qlen == 0:
@@ -132,6 +148,27 @@ def attention(
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + qlen] = o[0].transpose(0, 1)
     return out.reshape(T, nh * d)
+
+
+def _length_groups(lens: list[int], overhead: int, cap: int) -> list[tuple[int, int]]:
+    """Split ascending `lens` into runs [a, b) minimising sum((b - a) * lens[b - 1] + overhead):
+    the keys read when each run is padded to its longest, plus a per-call cost in keys; a run of
+    more than one sequence holds at most `cap` padded keys."""
+    n = len(lens)
+    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
+    for b in range(1, n + 1):
+        for a in range(b - 1, -1, -1):
+            keys = (b - a) * lens[b - 1]
+            if keys > cap and a < b - 1:
+                break
+            c = best[a] + keys + overhead
+            if c < best[b]:
+                best[b], cut[b] = c, a
+    runs, b = [], n
+    while b:
+        runs.append((cut[b], b))
+        b = cut[b]
+    return runs[::-1]
 
 
 def _starts(lens: list[int]) -> list[int]:

@@ -51,3 +51,12 @@ def test_step_equals_full_causal_attention(shape):
         )
         expect.append(o.transpose(0, 1)[c:].reshape(-1, NH * D))
     torch.testing.assert_close(out, torch.cat(expect), atol=1e-5, rtol=1e-5)
+
+
+def test_length_groups_split_far_lengths_and_respect_the_cap():
+    from deepsplit.model.attention import _length_groups
+
+    assert _length_groups([10] * 4 + [1000] * 4, overhead=256, cap=10**9) == [(0, 4), (4, 8)]
+    assert _length_groups([10, 11, 12], overhead=256, cap=10**9) == [(0, 3)]  # not worth a call
+    runs = _length_groups([300] * 10, overhead=1, cap=1000)
+    assert all((b - a) * 300 <= 1000 for a, b in runs) and runs[0][0] == 0 and runs[-1][1] == 10
