@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -118,45 +119,60 @@ def language(model_dir, tmp, name: str, *flags: str) -> Proc:
     )
 
 
-@pytest.fixture(scope="session")
-def cluster(tiny_model_dir, tmp_path_factory):
-    """Two encoders; a ZMQ and a Mooncake language server both using them; a monolithic one."""
-    tmp = tmp_path_factory.mktemp("e2e-logs")
+@contextlib.contextmanager
+def running(start):
+    """`start(procs)` fills a dict of processes; all are healthy inside the block, stopped after it."""
     procs: dict[str, Proc] = {}
     try:
-        procs["enc0"] = encoder(tiny_model_dir, tmp, "enc0")
-        procs["enc1"] = encoder(tiny_model_dir, tmp, "enc1")
-        urls = ",".join(procs[e].url for e in ("enc0", "enc1"))
-        common = [
-            "--mode",
-            "disaggregated",
-            "--encoder-urls",
-            urls,
-            "--encoder-health-interval-s",
-            "0.5",
-            "--transfer-host",
-            HOST,
-        ]
-        # small rooms: the ZMQ node grows them at the handshake, the Mooncake node makes encoders resume
-        small = ["--mm-block-size", "8", "--mm-initial-rows", "8"]
-        procs["zmq"] = language(tiny_model_dir, tmp, "zmq", *common, *small, "--transfer-backend", "zmq")
-        procs["mooncake"] = language(
-            tiny_model_dir,
-            tmp,
-            "mooncake",
-            *common,
-            *small,
-            "--no-mm-grow-on-begin",
-            "--transfer-backend",
-            "mooncake",
-        )
-        procs["mono"] = language(tiny_model_dir, tmp, "mono", "--mode", "monolithic")
+        start(procs)
         for p in procs.values():
             p.wait_healthy()
         yield procs
     finally:
         for p in procs.values():
             p.stop()
+
+
+def disaggregated_flags(encoders: list[Proc], backend: str) -> list[str]:
+    urls = ",".join(e.url for e in encoders)
+    return [
+        "--mode",
+        "disaggregated",
+        "--encoder-urls",
+        urls,
+        "--transfer-backend",
+        backend,
+        "--transfer-host",
+        HOST,
+        "--encoder-health-interval-s",
+        "0.5",
+    ]
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_model_dir, tmp_path_factory):
+    """Two encoders; a ZMQ and a Mooncake language server both using them; a monolithic one."""
+    tmp = tmp_path_factory.mktemp("e2e-logs")
+
+    def start(procs):
+        procs["enc0"] = encoder(tiny_model_dir, tmp, "enc0")
+        procs["enc1"] = encoder(tiny_model_dir, tmp, "enc1")
+        encs = [procs["enc0"], procs["enc1"]]
+        # small rooms: the ZMQ node grows them at the handshake, the Mooncake node makes encoders resume
+        small = ["--mm-block-size", "8", "--mm-initial-rows", "8"]
+        procs["zmq"] = language(tiny_model_dir, tmp, "zmq", *disaggregated_flags(encs, "zmq"), *small)
+        procs["mooncake"] = language(
+            tiny_model_dir,
+            tmp,
+            "mooncake",
+            *disaggregated_flags(encs, "mooncake"),
+            *small,
+            "--no-mm-grow-on-begin",
+        )
+        procs["mono"] = language(tiny_model_dir, tmp, "mono", "--mode", "monolithic")
+
+    with running(start) as procs:
+        yield procs
 
 
 def openai_client(url: str):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.e2e.conftest import HOST, encoder, language, openai_client
+from tests.e2e.conftest import disaggregated_flags, encoder, language, openai_client, running
 from tests.language_server.conftest import data_url, image_message, make_image
 
 pytestmark = pytest.mark.slow
@@ -18,32 +18,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def pair(tiny_model_dir, tmp_path):
-    procs = {"a": encoder(tiny_model_dir, tmp_path, "a"), "b": encoder(tiny_model_dir, tmp_path, "b")}
-    try:
-        urls = f"{procs['a'].url},{procs['b'].url}"
-        procs["lang"] = language(
-            tiny_model_dir,
-            tmp_path,
-            "lang",
-            "--mode",
-            "disaggregated",
-            "--encoder-urls",
-            urls,
-            "--transfer-backend",
-            "zmq",
-            "--transfer-host",
-            HOST,
-            "--encoder-health-interval-s",
-            "0.5",
-            "--transfer-ttl-s",
-            "5",
+    def start(procs):
+        procs["a"], procs["b"] = (
+            encoder(tiny_model_dir, tmp_path, "a"),
+            encoder(tiny_model_dir, tmp_path, "b"),
         )
-        for p in procs.values():
-            p.wait_healthy()
+        flags = disaggregated_flags([procs["a"], procs["b"]], "zmq")
+        procs["lang"] = language(tiny_model_dir, tmp_path, "lang", *flags, "--transfer-ttl-s", "5")
+
+    with running(start) as procs:
         yield procs
-    finally:
-        for p in procs.values():
-            p.stop()
 
 
 def test_sigkill_one_encoder_under_load(pair):
