@@ -8,6 +8,7 @@ a request ends (EOS, stop ids/strings, max_tokens) and frees everything it held.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -70,6 +71,8 @@ class Engine:
         self._cmds.put(("abort", seq_id, None))
 
     def start(self, threads: int = 0) -> None:
+        _release_openmp_workers()
+
         def main() -> None:
             if threads:
                 torch.set_num_threads(threads)
@@ -208,3 +211,15 @@ class Engine:
             "preemptions": s.num_preemptions,
             "steps": self.steps,
         }
+
+
+def _release_openmp_workers() -> None:
+    """Free the calling thread's OpenMP worker pool (it loaded the model) before the engine thread
+    builds its own. libgomp counts the idle workers of every pool; with more than there are CPUs it
+    lets each worker spin only ~100 times before sleeping, so every one of a step's ~1000 parallel
+    regions pays a futex wake-up: 92 -> 110 ms per decode step (B=32) on 2 cores. A later parallel
+    op on the calling thread builds a new pool, which only costs speed. No-op without libgomp."""
+    try:
+        ctypes.CDLL(None).omp_pause_resource_all(2)  # omp_pause_hard
+    except (AttributeError, OSError):
+        pass
