@@ -47,6 +47,10 @@ class VisionBatcher:
         return item.future
 
     @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
     def busy(self) -> bool:
         return self._running > 0 or not self._queue.empty()
 

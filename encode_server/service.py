@@ -126,10 +126,10 @@ class EncodeService:
 
     def health_probe(self) -> float:
         """A real (uncached) encode of a small image; returns its duration in seconds. While the
-        vision tower is busy and finished a batch recently, that work is the proof of health (a probe
+        vision tower is busy (its worker alive and computing), that work is the proof of health (a probe
         queued behind minutes of images would make a busy encoder look dead)."""
         b = self.encoder.batcher
-        if b.busy and time.monotonic() - b.last_progress < self.settings.health_progress_s:
+        if b.busy and b.alive:  # computing right now: that is the proof
             return 0.0
         t = time.perf_counter()
         img = Image.fromarray(np.full((32, 32, 3), 127, dtype=np.uint8))

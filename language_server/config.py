@@ -50,7 +50,9 @@ class LanguageSettings(BaseModel):
     mm_grow_on_begin: bool = Field(
         True, description="grow a room at the encoder's handshake when blocks are free (else it resumes)"
     )
-    transfer_ttl_s: float = Field(30.0, gt=0, description="a room not filled within this fails and is freed")
+    transfer_ttl_s: float = Field(
+        120.0, gt=0, description="a room not filled within this (encode queueing included) fails and is freed"
+    )
     transfer_stale_write_guard_s: float = Field(
         600.0,
         gt=0,

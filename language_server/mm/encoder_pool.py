@@ -134,11 +134,13 @@ class EncoderPool:
                 break
             tried.add(enc.url)
             req = await make_request(attempt)
+            timed_out = False
             enc.inflight += 1
             try:
                 resp = await self._post(enc, req)
             except (httpx.HTTPError, ValueError) as exc:
                 resp, err = None, f"{enc.url}: {type(exc).__name__}: {exc}"
+                timed_out = isinstance(exc, httpx.TimeoutException)
             finally:
                 enc.inflight -= 1
             if resp is not None and resp.status == "ok":
@@ -152,7 +154,8 @@ class EncoderPool:
             errors.append(err)
             enc.failures += 1
             enc.last_error = err
-            if resp is None or resp.status == "error":  # not "transfer_failed": that may be our side
+            # a timeout means busy, not dead (the probe decides); "transfer_failed" may be our side
+            if resp is None and not timed_out or resp is not None and resp.status == "error":
                 enc.healthy = False  # out of rotation until a probe says otherwise
             log.warning(
                 "encode attempt %d failed (%s); %s",
