@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepsplit.model import packed
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -65,9 +67,18 @@ class DenseMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self._gate_up: torch.Tensor | None = None  # packed (deepsplit.model.packed), gate then up
+        self._down: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self._gate_up = packed.pack(torch.cat([self.gate_proj.weight, self.up_proj.weight]))
+        self._down = packed.pack(self.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self._gate_up is None or self._down is None:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = packed.linear(x, self._gate_up).chunk(2, dim=-1)
+        return packed.linear(F.silu(g).mul_(u), self._down)
 
 
 def logits_and_argmax(

@@ -1,10 +1,12 @@
 """Sparse MoE block: softmax router -> top-k -> renormalise -> expert GEMMs.
 
 Expert weights keep the checkpoint's on-disk orientation (`gate_up_proj [E, H, 2I]`,
-`down_proj [E, I, H]`) so `x @ W[e]` needs no transpose. Two dispatches, same result:
-- few rows per expert (decode): every expert's rows padded to the busiest one, `[E, n, H]`, and two
-  `bmm` over all experts — no per-expert Python, the weights are read once (memory-bound anyway);
-- many rows (prefill): tokens sorted by expert, one GEMM per expert that received tokens.
+`down_proj [E, I, H]`) so `x @ W[e]` needs no transpose. Dispatches, same result:
+- weights packed for oneDNN (`pack`, the serving path): tokens sorted by expert, one packed GEMM
+  pair per expert that received tokens, exactly its rows;
+- dense, few rows per expert (decode): every expert's rows padded to the busiest one, `[E, n, H]`,
+  and two `bmm` over all experts — no per-expert Python, weights read once (memory-bound anyway);
+- dense, many rows (prefill): tokens sorted by expert, one GEMM per expert that received tokens.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from deepsplit.model import packed
 
 # padded dispatch while the mean rows per touched expert stay at most this and at least half the
 # experts are touched: there the expert GEMMs are bound by reading weights, padded rows cost little
@@ -37,6 +41,12 @@ class SparseMoeBlock(nn.Module):
         self.gate = Router(hidden, num_experts)
         self.experts = Experts(num_experts, hidden, inter)
         self.top_k, self.num_experts = top_k, num_experts
+        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (gate_up, down)
+
+    def pack(self) -> None:
+        gu, down = self.experts.gate_up_proj, self.experts.down_proj
+        pairs = [(packed.pack(gu[e].t(), 8), packed.pack(down[e].t(), 8)) for e in range(self.num_experts)]
+        self._packed = None if any(a is None for a, _ in pairs) else pairs
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (weights [T, k] in x.dtype, expert ids [T, k])."""
@@ -50,6 +60,8 @@ class SparseMoeBlock(nn.Module):
         flat = experts.reshape(-1)  # [T*k]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         touched = sum(1 for n in counts if n)
+        if self._packed is not None:
+            return self._grouped(x, weights, flat, counts)
         if flat.numel() <= PADDED_MAX_ROWS_PER_EXPERT * touched and 2 * touched >= self.num_experts:
             return self._padded(x, weights, flat, max(counts))
         return self._grouped(x, weights, flat, counts)
@@ -73,16 +85,21 @@ class SparseMoeBlock(nn.Module):
         token_of = order // self.top_k  # source token of each sorted assignment
         xs = x[token_of]  # [T*k, H], grouped by expert
         ys = torch.empty_like(xs)
-        gate_up, down = self.experts.gate_up_proj, self.experts.down_proj
+        gate_up, down, pk = self.experts.gate_up_proj, self.experts.down_proj, self._packed
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
             end = start + n
-            h = xs[start:end] @ gate_up[e]  # [n, 2I]
+            h = (
+                xs[start:end] @ gate_up[e] if pk is None else packed.linear(xs[start:end], pk[e][0])
+            )  # [n, 2I]
             g, u = h.chunk(2, dim=-1)
             act = F.silu(g, inplace=True).mul_(u)  # [n, I], in place on the temporary h
-            torch.mm(act, down[e], out=ys[start:end])
+            if pk is None:
+                torch.mm(act, down[e], out=ys[start:end])
+            else:
+                ys[start:end] = packed.linear(act, pk[e][1])
             start = end
         ys.mul_(weights.reshape(-1)[order, None])
         return torch.zeros_like(x).index_add_(0, token_of, ys)

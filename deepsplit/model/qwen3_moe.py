@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepsplit.model import packed
 from deepsplit.model.attention import AttentionMetadata, PagedKVCache, attention
 from deepsplit.model.config import TextConfig
 from deepsplit.model.layers import DenseMLP, MRotaryEmbedding, RMSNorm, apply_rotary, logits_and_argmax
@@ -29,13 +30,24 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.scale = self.d**-0.5
+        self._qkv: torch.Tensor | None = None  # q, k, v projections packed as one weight
+        self._o: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        if self.q_proj.bias is None:
+            w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+            self._qkv, self._o = packed.pack(w), packed.pack(self.o_proj.weight)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, cache) -> torch.Tensor:
-        T = x.shape[0]
-        q = apply_rotary(self.q_norm(self.q_proj(x).view(T, self.nh, self.d)), cos, sin)
-        k = apply_rotary(self.k_norm(self.k_proj(x).view(T, self.nkv, self.d)), cos, sin)
-        v = self.v_proj(x).view(T, self.nkv, self.d)
-        return self.o_proj(attention(q, k, v, meta, cache, self.scale))
+        T, nq, nkv = x.shape[0], self.nh * self.d, self.nkv * self.d
+        if self._qkv is not None:
+            q, k, v = packed.linear(x, self._qkv).split([nq, nkv, nkv], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = apply_rotary(self.q_norm(q.view(T, self.nh, self.d)), cos, sin)
+        k = apply_rotary(self.k_norm(k.view(T, self.nkv, self.d)), cos, sin)
+        o = attention(q, k, v.view(T, self.nkv, self.d), meta, cache, self.scale)
+        return self.o_proj(o) if self._o is None else packed.linear(o, self._o)
 
 
 class DecoderLayer(nn.Module):
@@ -111,11 +123,24 @@ class Qwen3MoeForCausalLM(nn.Module):
         self.cfg = cfg
         self.model = Qwen3MoeModel(cfg, n_deepstack)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._lm_head: list[torch.Tensor] | None = None  # packed, LM_HEAD_CHUNK vocabulary rows each
 
     def forward(
         self, input_ids, positions, meta, kv_cache=None, inputs_embeds=None, input_deepstack_embeds=None
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta, kv_cache, inputs_embeds, input_deepstack_embeds)
+
+    def pack_weights(self) -> Qwen3MoeForCausalLM:
+        """Prepack the large GEMM weights for oneDNN (`deepsplit.model.packed`): attention
+        projections, experts, dense MLPs, lm_head. The serving runner calls this; a no-op where
+        oneDNN is unavailable. Costs the packed weights' size again in memory."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "pack"):
+                m.pack()
+        W = self.lm_head.weight
+        chunks = [packed.pack(W[a : a + LM_HEAD_CHUNK]) for a in range(0, W.shape[0], LM_HEAD_CHUNK)]
+        self._lm_head = None if any(c is None for c in chunks) else chunks
+        return self
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, H] (rows to sample from) -> logits [B, V] in float32.
@@ -124,9 +149,28 @@ class Qwen3MoeForCausalLM(nn.Module):
         than `h @ W^T` (F.linear); the result is a transposed view."""
         return torch.mm(self.lm_head.weight, hidden.t()).t().float()
 
-    def logits_and_argmax(
-        self, hidden: torch.Tensor, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [B, H] -> (logits [B, V] float32, their argmax [B]): `compute_logits` with the argmax
-        fused (see `layers.logits_and_argmax`); `out` receives the logits."""
-        return logits_and_argmax(self.lm_head.weight, hidden, out)
+    def sample_logits(
+        self, hidden: torch.Tensor, rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden [B, H] -> (argmax [B] of the logits, float32 logits [len(rows), V] of `rows` only,
+        None without rows): `compute_logits` with the argmax taken chunk by chunk of the vocabulary
+        while the chunk is in cache, and no [B, V] tensor unless rows need it."""
+        if self._lm_head is None:
+            logits, best = logits_and_argmax(self.lm_head.weight, hidden)
+            return best, (logits[rows] if rows else None)
+        sel = torch.tensor(rows) if 0 < len(rows) < hidden.shape[0] else None
+        vals, idx, parts, a = [], [], [], 0
+        for w in self._lm_head:
+            y = packed.linear(hidden, w)  # [B, C]
+            m, i = y.max(-1)
+            vals.append(m)
+            idx.append(i + a)
+            a += y.shape[1]
+            if rows:
+                parts.append(y if sel is None else y[sel])
+        j = torch.stack(vals).argmax(0, keepdim=True)  # [1, B]: the chunk holding each row's best
+        return torch.stack(idx).gather(0, j)[0], (torch.cat(parts, dim=1).float() if rows else None)
+
+
+# vocabulary rows per packed lm_head piece: its [B, C] logits stay in cache for the argmax
+LM_HEAD_CHUNK = 16384

@@ -30,7 +30,7 @@ class _Vision:
 class ModelRunner:
     def __init__(self, lm, cfg, num_blocks: int, block_size: int) -> None:
         t = cfg.text
-        self.lm, self.cfg, self.block_size = lm, cfg, block_size
+        self.lm, self.cfg, self.block_size = lm.pack_weights(), cfg, block_size
         self.dtype = lm.lm_head.weight.dtype
         self.hidden = t.hidden_size
         self.kv = PagedKVCache(
@@ -39,7 +39,6 @@ class ModelRunner:
         self._vision: dict[str, _Vision] = {}
         self._generators: dict[str, torch.Generator] = {}
         self.last_step_s = 0.0
-        self._logits_buf = torch.empty(0, dtype=self.dtype)
 
     @staticmethod
     def blocks_for_bytes(cfg, nbytes: int, block_size: int, dtype: torch.dtype) -> int:
@@ -110,19 +109,14 @@ class ModelRunner:
         if sample_rows:
             if len(sample_rows) < row:
                 hidden = hidden[torch.tensor(sample_rows)]
-            logits, best = self._logits(hidden)
-            toks = sample(logits, [self._row_params(seq) for seq in sample_seqs], best)
+            params = [self._row_params(seq) for seq in sample_seqs]
+            best, logits = self.lm.sample_logits(
+                hidden, [i for i, p in enumerate(params) if p.temperature > 0]
+            )
+            toks = sample(logits, params, best)
             result = {seq.id: t for seq, t in zip(sample_seqs, toks, strict=True)}
         self.last_step_s = time.perf_counter() - t0
         return result
-
-    def _logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, H] -> (logits [B, V] float32, argmax [B]); the logits live in a buffer kept across steps
-        (no fresh 20 MB per step), valid until the next step."""
-        need = self.lm.lm_head.weight.shape[0] * hidden.shape[0]
-        if self._logits_buf.numel() < need:
-            self._logits_buf = self.lm.lm_head.weight.new_empty(need)
-        return self.lm.logits_and_argmax(hidden, self._logits_buf)
 
     def _positions(self, seq, a: int, b: int) -> range | torch.Tensor:
         """M-RoPE positions of tokens [a, b): the prompt's own [3, b - a], then index + delta (a range

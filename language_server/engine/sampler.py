@@ -21,15 +21,21 @@ class RowParams:
     generator: torch.Generator | None = None
 
 
-def sample(logits: torch.Tensor, rows: list[RowParams], argmax: torch.Tensor | None = None) -> list[int]:
-    """logits: [B, V] float32 -> B token ids. `argmax` [B], if given, is `logits.argmax(-1)`."""
-    B, V = logits.shape
-    out = logits.argmax(dim=-1) if argmax is None else argmax.clone()  # [B]
+def sample(
+    logits: torch.Tensor | None, rows: list[RowParams], argmax: torch.Tensor | None = None
+) -> list[int]:
+    """logits: [B, V] float32 -> B token ids. With `argmax` [B] (every row's greedy token) given,
+    `logits` holds only the rows with temperature > 0, in order (None if there are none)."""
     idx = [i for i, r in enumerate(rows) if r.temperature > 0]
+    if argmax is None:
+        out, x = logits.argmax(dim=-1), (logits[torch.tensor(idx)] if idx else None)
+    else:
+        out, x = argmax.clone(), logits  # [B]; [len(idx), V]
     if not idx:
         return out.tolist()
     sel = torch.tensor(idx)
-    x = logits[sel] / torch.tensor([rows[i].temperature for i in idx], dtype=logits.dtype)[:, None]
+    V = x.shape[-1]
+    x = x / torch.tensor([rows[i].temperature for i in idx], dtype=x.dtype)[:, None]
     top_k = [rows[i].top_k if 0 < rows[i].top_k < V else V for i in idx]
     top_p = [rows[i].top_p for i in idx]
     if any(k < V for k in top_k) or any(p < 1.0 for p in top_p):
