@@ -36,7 +36,7 @@ class VisionBatcher:
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self.batches = 0
         self.images = 0
-        self.last_progress = time.monotonic()  # a batch finished (or the worker started)
+        self.last_progress = float("-inf")  # when a batch last finished
         self._running = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()

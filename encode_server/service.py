@@ -126,10 +126,11 @@ class EncodeService:
 
     def health_probe(self) -> float:
         """A real (uncached) encode of a small image; returns its duration in seconds. While the
-        vision tower is busy (its worker alive and computing), that work is the proof of health (a probe
+        vision tower is busy or ran a forward within `health_progress_s`, that work is the proof of health (a probe
         queued behind minutes of images would make a busy encoder look dead)."""
         b = self.encoder.batcher
-        if b.busy and b.alive:  # computing right now: that is the proof
+        recent = time.monotonic() - b.last_progress < self.settings.health_progress_s
+        if b.alive and (b.busy or recent):  # computing now, or a forward finished lately: proof enough
             return 0.0
         t = time.perf_counter()
         img = Image.fromarray(np.full((32, 32, 3), 127, dtype=np.uint8))
