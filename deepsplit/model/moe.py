@@ -84,22 +84,17 @@ class SparseMoeBlock(nn.Module):
         order = torch.argsort(flat, stable=True)
         token_of = order // self.top_k  # source token of each sorted assignment
         xs = x[token_of]  # [T*k, H], grouped by expert
-        ys = torch.empty_like(xs)
         gate_up, down, pk = self.experts.gate_up_proj, self.experts.down_proj, self._packed
-        start = 0
+        outs, start = [], 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            end = start + n
-            h = (
-                xs[start:end] @ gate_up[e] if pk is None else packed.linear(xs[start:end], pk[e][0])
-            )  # [n, 2I]
+            xe = xs[start : start + n]
+            h = xe @ gate_up[e] if pk is None else packed.linear(xe, pk[e][0])  # [n, 2I]
             g, u = h.chunk(2, dim=-1)
             act = F.silu(g, inplace=True).mul_(u)  # [n, I], in place on the temporary h
-            if pk is None:
-                torch.mm(act, down[e], out=ys[start:end])
-            else:
-                ys[start:end] = packed.linear(act, pk[e][1])
-            start = end
+            outs.append(act @ down[e] if pk is None else packed.linear(act, pk[e][1]))  # [n, H]
+            start += n
+        ys = torch.cat(outs)  # [T*k, H], grouped by expert
         ys.mul_(weights.reshape(-1)[order, None])
         return torch.zeros_like(x).index_add_(0, token_of, ys)
