@@ -186,7 +186,9 @@ def _markdown(res: dict) -> str:
             f"vs HF padded batch: **{r['vs_padded_batch']:.2f}x**"
         )
     d = res["decode"]
-    parts = ", ".join(f"{k} {v * 1000:.1f}" for k, v in d["roofline_parts_s"].items() if k != "total")
+    parts = ", ".join(
+        f"{k} {v * 1000:.1f}" for k, v in d["roofline_parts_s"].items() if k != "total" and "[" not in k
+    )
     out.append(
         f"\ndecode step at batch {d['batch']} (context {d['context']}): {d['decode_step_s'] * 1000:.1f} ms "
         f"(forward+sample {d['decode_forward_sample_s'] * 1000:.1f} ms); weight-matmul roofline "

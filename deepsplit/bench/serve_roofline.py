@@ -3,9 +3,11 @@
 The engine runs in-process (same code as the server) on B sequences; the step time is taken from its
 `on_step` hook for steps that are pure decodes of all B. The roofline replays only the weight
 GEMMs of such a step — attention projections, router, the experts with the routing counts actually
-observed, dense MLPs, lm_head — timed alone. The experts count as the faster of one GEMM per expert
-and two `bmm` over all experts with rows padded to the busiest (the model's decode dispatch); both
-are reported. It does not change the model code.
+observed, dense MLPs, lm_head — timed alone. Each part is timed in every form the model could use
+and counts at its fastest (all forms are reported as `part[form]`): torch's dense GEMM (MKL; for
+lm_head as `W @ h^T` and as `F.linear`; for the experts one GEMM per expert and two `bmm` over all
+experts padded to the busiest) and the oneDNN-packed weights the serving runner uses (one GEMM per
+expert on exactly its rows). It does not change the model code.
 """
 
 from __future__ import annotations
@@ -85,48 +87,67 @@ def measure(model_dir: str, batch: int, context: int, steps: int, threads: int) 
 def _roofline(lm, B: int, counts: list[list[int]], F) -> dict:
     import torch
 
+    from deepsplit.model import packed
     from deepsplit.model.moe import SparseMoeBlock
 
     H = lm.cfg.hidden_size
     dt = lm.lm_head.weight.dtype
     x = torch.randn(B, H, dtype=dt)
-    ops: dict[str, list] = {"attention_proj": [], "router": [], "experts": [], "dense_mlp": [], "lm_head": []}
-    ops["experts_per_gemm"], ops["experts_padded_bmm"] = [], []
-    # (fn, a, b): fn(a, b) is one weight GEMM of the step
+    mm, pk = torch.mm, packed.linear
+    # part -> form -> [(fn, a, b)]: fn(a, b) is one weight GEMM of the step
+    ops: dict[str, dict[str, list]] = {
+        k: {} for k in ("attention_proj", "router", "experts", "dense_mlp", "lm_head")
+    }
+
+    def add(part: str, form: str, fn, a, b) -> None:
+        ops[part].setdefault(form, []).append((fn, a, b))
+
     moe_i = 0
     for layer in lm.model.layers:
         a = layer.self_attn
+        o_in = torch.randn(B, a.nh * a.d, dtype=dt)
         for lin in (a.q_proj, a.k_proj, a.v_proj):
-            ops["attention_proj"].append((F.linear, x, lin.weight))
-        ops["attention_proj"].append((F.linear, torch.randn(B, a.nh * a.d, dtype=dt), a.o_proj.weight))
+            add("attention_proj", "dense", F.linear, x, lin.weight)
+        add("attention_proj", "dense", F.linear, o_in, a.o_proj.weight)
+        if a._qkv is not None:
+            add("attention_proj", "packed", pk, x, a._qkv)
+            add("attention_proj", "packed", pk, o_in, a._o)
         mlp = layer.mlp
         if isinstance(mlp, SparseMoeBlock):
-            ops["router"].append((F.linear, x, mlp.gate.weight))
+            add("router", "dense", F.linear, x, mlp.gate.weight)
             gu, down = mlp.experts.gate_up_proj, mlp.experts.down_proj
+            inter = down.shape[1]
             for e, n in enumerate(counts[moe_i]):
                 if n:
-                    ops["experts_per_gemm"].append((torch.mm, torch.randn(n, H, dtype=dt), gu[e]))
-                    ops["experts_per_gemm"].append(
-                        (torch.mm, torch.randn(n, down.shape[1], dtype=dt), down[e])
-                    )
+                    xe, ae = torch.randn(n, H, dtype=dt), torch.randn(n, inter, dtype=dt)
+                    add("experts", "per_gemm", mm, xe, gu[e])
+                    add("experts", "per_gemm", mm, ae, down[e])
+                    if mlp._packed is not None:
+                        add("experts", "packed", pk, xe, mlp._packed[e][0])
+                        add("experts", "packed", pk, ae, mlp._packed[e][1])
             n, E = max(counts[moe_i]), gu.shape[0]
-            ops["experts_padded_bmm"].append((torch.bmm, torch.randn(E, n, H, dtype=dt), gu))
-            ops["experts_padded_bmm"].append((torch.bmm, torch.randn(E, n, down.shape[1], dtype=dt), down))
+            add("experts", "padded_bmm", torch.bmm, torch.randn(E, n, H, dtype=dt), gu)
+            add("experts", "padded_bmm", torch.bmm, torch.randn(E, n, inter, dtype=dt), down)
             moe_i += 1
         else:
             for _, lin in mlp.named_children():
                 if isinstance(lin, torch.nn.Linear):
-                    ops["dense_mlp"].append((F.linear, torch.randn(B, lin.in_features, dtype=dt), lin.weight))
-    W = lm.lm_head.weight  # timed as the runner computes it (W @ h^T); F.linear reported separately
-    ops["lm_head"].append((lambda w, a: torch.mm(w, a.t()), W, x))
-    ops["lm_head_as_linear"] = [(F.linear, x, W)]
-    out = {}
+                    add("dense_mlp", "dense", F.linear, torch.randn(B, lin.in_features, dtype=dt), lin.weight)
+            if mlp._gate_up is not None:
+                add("dense_mlp", "packed", pk, x, mlp._gate_up)
+                add("dense_mlp", "packed", pk, torch.randn(B, mlp.down_proj.in_features, dtype=dt), mlp._down)
+    W = lm.lm_head.weight
+    add("lm_head", "W@h^T", lambda w, a: mm(w, a.t()), W, x)
+    add("lm_head", "linear", F.linear, x, W)
+    for w in lm._lm_head or []:
+        add("lm_head", "packed", pk, x, w)
+    out: dict[str, float] = {}
     with torch.inference_mode():
-        for name, group in ops.items():
-            out[name] = _time(lambda g=group: [f(a, w) for f, a, w in g]) if group else 0.0
-    out["experts"] = min(out["experts_per_gemm"], out["experts_padded_bmm"])
-    alternatives = ("lm_head_as_linear", "experts_per_gemm", "experts_padded_bmm")
-    out["total"] = sum(v for k, v in out.items() if k not in alternatives)
+        for part, forms in ops.items():
+            for form, group in forms.items():
+                out[f"{part}[{form}]"] = _time(lambda g=group: [f(a, w) for f, a, w in g])
+            out[part] = min((out[f"{part}[{f}]"] for f in forms), default=0.0)
+    out["total"] = sum(out[part] for part in ops)
     return out
 
 
