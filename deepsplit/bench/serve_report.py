@@ -54,6 +54,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     names = [r["name"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -68,6 +69,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
         ax.set_yticks(list(y), names if ax is axes[1] else [""] * len(rows))
         ax.set_xlabel(f"{label} ms (lower is better)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap on short ranges
         ax.legend()
     axes[2].set_yticks(list(range(len(rows))), [""] * len(rows))
     fig.suptitle(title)
