@@ -10,7 +10,6 @@ decode efficiency of one engine step against its weight-matmul roofline. Build t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -162,18 +161,8 @@ def run(args: argparse.Namespace) -> int:
                 "vs_padded_batch": top / by[f"HF generate, padded batch {b}"],
             }
 
-    text = _markdown(res)
-    print("\n" + text)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    if args.plot:
-        report.plot(
-            res["rows"],
-            args.plot,
-            f"{os.path.basename(os.path.abspath(args.model))}: {n} requests, {args.threads} threads",
-        )
+    title = f"{os.path.basename(os.path.abspath(args.model))}: {n} requests, {args.threads} threads"
+    report.emit(res, _markdown(res), args, lambda path: report.plot(res["rows"], path, title))
     return 0
 
 

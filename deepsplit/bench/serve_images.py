@@ -300,14 +300,7 @@ def run(args: argparse.Namespace) -> int:
     trees = {json.dumps(c.get("tree")) for c in res["contenders"].values() if "tree" in c}
     if len(trees) > 1:
         print("warning: the source tree changed during the run (see contenders.*.tree)", flush=True)
-    text = _markdown(res)
-    print("\n" + text)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
-    if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
-    if args.plot:
-        plot(res, args.plot)
+    report.emit(res, _markdown(res), args, lambda path: plot(res, path))
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 from deepsplit.bench.serve_workload import Sample
 
@@ -77,3 +79,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def emit(res: dict, text: str, args, plot=None) -> None:
+    """Print the markdown; write --json, --markdown and (via `plot(path)`) --plot when asked."""
+    print("\n" + text)
+    if getattr(args, "json_out", None):
+        Path(args.json_out).write_text(json.dumps(res, indent=2))
+    if getattr(args, "markdown", None):
+        Path(args.markdown).write_text(text + "\n")
+    if getattr(args, "plot", None) and plot is not None:
+        plot(args.plot)
