@@ -27,7 +27,9 @@ class EncodeSettings(BaseModel):
     max_concurrent_requests: int = Field(64, ge=1, description="beyond this, encode requests get 503")
     transfer_deadline_s: float = Field(30.0, gt=0)
     health_progress_s: float = Field(
-        30.0, gt=0, description="GET /health runs a real encode only if none ran this recently (and must finish within it)"
+        30.0,
+        gt=0,
+        description="GET /health runs a real encode only if none ran this recently (and must finish within it)",
     )
     transfer_host: str = Field(
         "127.0.0.1", description="address this node's Mooncake engine binds/advertises"
