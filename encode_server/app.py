@@ -44,6 +44,7 @@ def build_app(settings: EncodeSettings) -> FastAPI:
             )
         if not service.try_acquire():
             metrics.requests.labels("overloaded").inc()
+            service.sender.abandon(req.descriptor, "encoder: overloaded: at capacity")
             return reply(
                 EncodeResponse(room=req.room, status="overloaded", message="encode server is at capacity")
             )

@@ -79,18 +79,14 @@ class EncodeService:
                 req.messages, [img for img, _ in loaded], [b for _, b in loaded], timeout_s=req.deadline_s
             )
         except TimeoutError as e:  # queued behind other work: another encoder may be free
-            self.metrics.requests.labels("overloaded").inc()
-            return EncodeResponse(room=req.room, status="overloaded", message=str(e))
+            return self._refuse(req, "overloaded", str(e))
         except BadImage as e:
-            self.metrics.requests.labels("bad_request").inc()
-            return EncodeResponse(room=req.room, status="bad_request", message=str(e))
+            return self._refuse(req, "bad_request", str(e))
         except (ValueError, TypeError) as e:  # e.g. image processor refusing an extreme shape
-            self.metrics.requests.labels("bad_request").inc()
-            return EncodeResponse(room=req.room, status="bad_request", message=f"image rejected: {e}")
+            return self._refuse(req, "bad_request", f"image rejected: {e}")
         except Exception as e:  # noqa: BLE001
             log.exception("encode failed for room %s", req.room)
-            self.metrics.requests.labels("error").inc()
-            return EncodeResponse(room=req.room, status="error", message=f"encode failed: {e}")
+            return self._refuse(req, "error", f"encode failed: {e}")
         t1 = time.perf_counter()
         try:
             left = max(0.1, req.deadline_s - (t1 - t0))
@@ -111,6 +107,12 @@ class EncodeService:
             encode_s=t1 - t0,
             total_s=t2 - t0,
         )
+
+    def _refuse(self, req: EncodeRequest, status: str, message: str) -> EncodeResponse:
+        """No rows will come: free the receiver's room now (its blocks need not wait for a write)."""
+        self.metrics.requests.labels(status).inc()
+        self.sender.abandon(req.descriptor, f"encoder: {status}: {message}")
+        return EncodeResponse(room=req.room, status=status, message=message)
 
     def _payload(self, e):
         from transfer import MultimodalPayload

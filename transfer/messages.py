@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-VERSION = 1
+VERSION = 2  # 2: Data may claim and seal the room (ZMQ fast path, no separate Begin/Done)
 
 
 class BadMessage(ValueError):
@@ -59,13 +59,6 @@ class Ready(_Msg, tag="ready"):
     block_ids: list[int]
 
 
-class Data(_Msg, tag="data"):
-    """Sender -> receiver (zmq backend): frame i after this header holds segments[i] =
-    (buffer, byte offset into the buffer's region, nbytes)."""
-
-    segments: list[tuple[str, int, int]]
-
-
 class Partial(_Msg, tag="partial"):
     """Sender -> receiver: rows [0, sent_rows) written; `total_rows` needed; please allocate the rest."""
 
@@ -88,6 +81,20 @@ class Done(_Msg, tag="done"):
     mrope_delta: int
     num_images: int
     checksum: int
+
+
+class Data(_Msg, tag="data"):
+    """Sender -> receiver (zmq backend): frame i after this header holds segments[i] =
+    (buffer, byte offset into the buffer's region, nbytes).
+
+    Fast path (the rows fit the descriptor's blocks): the first Data of a room also claims it
+    (`receiver_id`, `total_rows`, as Begin would) and the last carries the `done` seal, so a whole
+    room is one message and its Ack."""
+
+    segments: list[tuple[str, int, int]]
+    receiver_id: str = ""  # set: this message claims the room (no Begin was sent)
+    total_rows: int = 0
+    done: Done | None = None  # set: every row is in these frames or earlier ones
 
 
 class Ack(_Msg, tag="ack"):

@@ -63,6 +63,8 @@ class MultimodalPayload:
 
 
 def _bytes(t: torch.Tensor) -> np.ndarray:
+    if t.dtype in (torch.int32, torch.float32) and t.is_contiguous():
+        return t.numpy()  # no byte view needed: crc32 reads the buffer
     return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
@@ -73,14 +75,15 @@ def checksum(rows: dict[str, torch.Tensor], full: bool) -> int:
     if full:
         c = zlib.crc32(_bytes(rows["embeddings"]), c)
         c = zlib.crc32(_bytes(rows["deepstack"]), c)
-    return _i32(c)
+    return signed32(c)
 
 
 def room_tag(room: str) -> int:
-    return _i32(zlib.crc32(room.encode()))
+    return signed32(zlib.crc32(room.encode()))
 
 
-def _i32(x: int) -> int:
+def signed32(x: int) -> int:
+    """An unsigned 32-bit value (a crc32) as the int32 the aux record stores."""
     return x - (1 << 32) if x >= 1 << 31 else x
 
 
@@ -100,8 +103,8 @@ class AuxRecord:
         return torch.tensor(words + [0] * (AUX_WORDS - len(words)), dtype=torch.int32)
 
     @classmethod
-    def unpack(cls, slot: torch.Tensor) -> AuxRecord | None:
-        """The record in an aux slot, or None if the slot holds no sealed record."""
+    def unpack(cls, slot) -> AuxRecord | None:
+        """The record in an aux slot (int32 tensor or array), or None if it holds no sealed record."""
         w = slot.tolist()
         if w[0] != MAGIC or w[1] != AUX_VERSION:
             return None

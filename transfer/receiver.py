@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import uuid
+import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -23,9 +24,9 @@ import zmq
 from transfer import messages as m
 from transfer.allocator import BlockAllocator
 from transfer.backends import receiver_backend
-from transfer.buffers import NAMES, MultimodalDataBuffers
+from transfer.buffers import NAMES, MultimodalDataBuffers, runs
 from transfer.config import BufferSpec, ReceiverSettings
-from transfer.payload import AuxRecord, checksum, room_tag
+from transfer.payload import AuxRecord, room_tag, signed32
 from transfer.rooms import Room, RoomFailed, RoomTable, State
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class TransferReceiver:
         self.backend = receiver_backend(settings.backend, settings)
         self.session, addrs = self.backend.register(self.buffers.regions())
         self._row_bytes = {n: self.buffers.row_bytes(n) for n in NAMES}
+        self._flat = {n: self.buffers.tensor(n).view(-1).view(torch.uint8).numpy() for n in NAMES}
+        self._aux_words = self.buffers.aux.numpy()
         self._addrs = {n: m.BufferAddr(addr=addrs[n], row_bytes=self._row_bytes[n]) for n in NAMES}
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
@@ -92,7 +95,7 @@ class TransferReceiver:
         need = max(1, math.ceil(num_rows / self.spec.block_size))
         blocks = self.allocator.alloc(min(need, self.spec.num_blocks), timeout_s)
         ttl = self.settings.room_ttl_s
-        self.rooms.add(Room(room, blocks, time.monotonic() + ttl))
+        self.rooms.add(Room(room, blocks, time.monotonic() + ttl, tag=room_tag(room)))
         s = self.spec
         return m.RoomDescriptor(
             room=room,
@@ -124,13 +127,21 @@ class TransferReceiver:
     def release(self, room: str) -> None:
         self.rooms.release(room)
 
-    def abort(self, room: str, reason: str = "aborted by receiver") -> None:
-        """Drop a room in any state: frees its blocks and tells its sender to stop."""
+    def abort(self, room: str, reason: str = "aborted by receiver", writer_gone: bool = False) -> None:
+        """Drop a room in any state: frees its blocks and tells its sender to stop.
+
+        With an out-of-band backend (Mooncake) a sender that has claimed the room may be writing, so
+        its blocks wait in quarantine until it reports back; `writer_gone=True` says no write can
+        come any more (the encoder answered) and frees them now.
+        """
         if self.rooms.release(room):
             return
-        r = self.rooms.fail(room, reason, out_of_band_writer=not self.backend.data_on_control)
+        oob = not self.backend.data_on_control
+        r = self.rooms.fail(room, reason, out_of_band_writer=oob and not writer_gone)
         if r is not None and r.peer is not None:
             self._outbox.put((r.peer, m.Abort(room=room, reason=reason)))
+        if writer_gone:
+            self.rooms.writer_done(room, None)
 
     def stats(self) -> dict:
         with self.rooms.lock:
@@ -210,9 +221,7 @@ class TransferReceiver:
                     "transfer: the sender of failed room %s is done writing; its blocks are free", msg.room
                 )
             if not isinstance(msg, m.Abort | m.Ack):
-                why = self.rooms.outcome(msg.room) or "unknown room"
-                log.info("transfer: late %s for room %s (%s), ignored", type(msg).__name__, msg.room, why)
-                self._send(peer, m.Ack(room=msg.room, ok=False, reason=f"room is {why}"))
+                self._refuse_unknown(peer, msg)
             return
         if room.peer is not None and room.peer != peer:
             log.warning("transfer: %s for room %s from a second sender, refused", type(msg).__name__, room.id)
@@ -229,14 +238,31 @@ class TransferReceiver:
             return log.warning("transfer: unexpected %s from a sender, ignored", type(msg).__name__)
         handler(peer, room, msg)
 
-    def _on_begin(self, peer: bytes, room: Room, msg: m.Begin) -> None:
-        if msg.receiver_id != self.id:
-            return self._send(
-                peer, m.Ack(room=room.id, ok=False, reason="descriptor is for another receiver")
-            )
+    def _refuse_unknown(self, peer: bytes, msg) -> None:
+        """Answer a message for a room this receiver does not have (late, or another incarnation's)."""
+        self.rooms.counters["refused_" + type(msg).__name__.lower()] += 1
+        rid = getattr(msg, "receiver_id", "")
+        if rid and rid != self.id:
+            why = "descriptor is for another receiver"
+        else:
+            why = "room is " + (self.rooms.outcome(msg.room) or "unknown")
+        log.info("transfer: %s for room %s refused (%s)", type(msg).__name__, msg.room, why)
+        self._send(peer, m.Ack(room=msg.room, ok=False, reason=why))
+
+    def _claim(self, peer: bytes, room: Room, receiver_id: str, how: str) -> str | None:
+        """The handshake's checks (Begin, or a fast-path Data/Done): None once the room is `peer`'s."""
+        if receiver_id != self.id:
+            return "descriptor is for another receiver"
         if room.state is not State.OPEN:
-            return self._send(peer, m.Ack(room=room.id, ok=False, reason=f"room is {room.state.value}"))
+            return f"room is {room.state.value}"
         room.state, room.peer = State.RECEIVING, peer
+        self.rooms.counters["claims_" + how] += 1
+        return None
+
+    def _on_begin(self, peer: bytes, room: Room, msg: m.Begin) -> None:
+        refused = self._claim(peer, room, msg.receiver_id, "begin")
+        if refused is not None:
+            return self._send(peer, m.Ack(room=room.id, ok=False, reason=refused))
         more = math.ceil(msg.total_rows / self.spec.block_size) - len(room.blocks)
         if more > 0 and self.settings.grow_on_begin:  # grow now if we can: saves the resume round trip
             got = self.allocator.try_alloc(more, after=room.blocks[-1])
@@ -269,6 +295,14 @@ class TransferReceiver:
 
     def _on_data(self, peer: bytes, msg: m.Data) -> None:
         room = self.rooms.get(msg.room)
+        if msg.receiver_id or msg.done is not None:  # fast path: the sender waits for an Ack
+            if room is None:
+                self._skip_rest()
+                return self._refuse_unknown(peer, msg)
+            refused = self._claim(peer, room, msg.receiver_id, "data") if msg.receiver_id else None
+            if refused is not None:
+                self._skip_rest()
+                return self._send(peer, m.Ack(room=msg.room, ok=False, reason=refused))
         ok = room is not None and room.peer == peer and room.state is State.RECEIVING
         reason = None if ok else "no such receiving room"
         for buffer, offset, nbytes in msg.segments:
@@ -279,7 +313,7 @@ class TransferReceiver:
                 break
             if reason is not None:
                 break
-            n = self._sock.recv_into(self.buffers.byte_view(buffer, offset, nbytes).numpy())
+            n = self._sock.recv_into(self._flat[buffer][offset : offset + nbytes])
             if n != nbytes:
                 reason = f"frame of {n} bytes announced as {nbytes}"
             room.bytes_in += n
@@ -288,6 +322,8 @@ class TransferReceiver:
             self._fail(room, f"bad data frame: {reason}")
         elif reason is not None:
             log.debug("transfer: data for room %s dropped: %s", msg.room, reason)
+        elif msg.done is not None:
+            self._on_done(peer, room, msg.done)
 
     def _owns(self, room: Room, buffer: str, offset: int, nbytes: int) -> str | None:
         """None if the byte range lies in rows (or the aux slot) this room owns, else why not."""
@@ -307,10 +343,16 @@ class TransferReceiver:
     def _on_done(self, peer: bytes, room: Room, msg: m.Done) -> None:
         if room.state is not State.RECEIVING:
             return self._send(peer, m.Ack(room=room.id, ok=False, reason=f"room is {room.state.value}"))
+        cap = len(room.blocks) * self.spec.block_size
+        if not 0 <= msg.vision_rows <= msg.total_rows <= cap or msg.total_rows == 0:
+            return self._fail(
+                room,
+                f"lengths out of range (rows {msg.total_rows}, vision {msg.vision_rows}, capacity {cap})",
+            )
         reason = self._verify(room, msg)
         if reason is not None:
-            self._fail(room, reason)
-            return
+            return self._fail(room, reason)
+        self._send(peer, m.Ack(room=room.id, ok=True))  # verified: the sender need not wait for the rest
         rows = self.buffers.read(room.blocks, msg.total_rows, msg.vision_rows)
         result = ReceivedRoom(
             room.id,
@@ -323,20 +365,23 @@ class TransferReceiver:
             self,
         )
         self.rooms.done(room, result)
-        self._send(peer, m.Ack(room=room.id, ok=True))
 
     def _verify(self, room: Room, msg: m.Done) -> str | None:
-        cap = len(room.blocks) * self.spec.block_size
-        if not 0 <= msg.vision_rows <= msg.total_rows <= cap or msg.total_rows == 0:
-            return f"lengths out of range (rows {msg.total_rows}, vision {msg.vision_rows}, capacity {cap})"
-        aux = AuxRecord.unpack(self.buffers.aux[room.blocks[0]])
-        want = AuxRecord(
-            room_tag(room.id), msg.total_rows, msg.vision_rows, msg.mrope_delta, msg.num_images, msg.checksum
-        )
-        if aux != want:
+        """None if the aux seal and the checksum match `msg` (this room's write, whole)."""
+        if AuxRecord.unpack(self._aux_words[room.blocks[0]]) != AuxRecord(
+            room.tag, msg.total_rows, msg.vision_rows, msg.mrope_delta, msg.num_images, msg.checksum
+        ):
             return "aux record missing or does not match (torn or stale write)"
-        rows = self.buffers.read(room.blocks, msg.total_rows, msg.vision_rows)
-        if checksum(rows, self.settings.checksum == "full") != msg.checksum:
+        full = self.settings.checksum == "full"
+        parts = {"fill_ids": msg.total_rows, "mrope": msg.total_rows}
+        if full:
+            parts.update(embeddings=msg.vision_rows, deepstack=msg.vision_rows)
+        crc = 0
+        for name, n in parts.items():  # the payload's order (payload.checksum), straight off the pool
+            rb, flat = self._row_bytes[name], self._flat[name]
+            for r in runs(room.blocks, self.spec.block_size, 0, n):
+                crc = zlib.crc32(flat[r.dst_row * rb : (r.dst_row + r.n) * rb], crc)
+        if signed32(crc) != msg.checksum:
             return "checksum mismatch (torn write)"
         return None
 

@@ -3,7 +3,8 @@
 A room is opened with its first blocks (OPEN), claimed by one sender connection (RECEIVING), may
 wait for more blocks (resume), and ends DONE (handed out, blocks held until released) or failed
 (blocks freed at once; or, when its sender may still be writing out of band (Mooncake), held in
-quarantine until that sender is heard from again — its write has returned — or a long guard time).
+quarantine until that sender is heard from again — its write has returned — or the owner says no
+write can come, or a long guard time).
 Thread-safe; no sockets, no tensors.
 """
 
@@ -34,6 +35,7 @@ class Room:
     id: str
     blocks: list[int]
     deadline: float  # monotonic
+    tag: int = 0  # payload.room_tag(id), expected in the aux seal
     state: State = State.OPEN
     peer: bytes | None = None  # ZMQ identity of the sender connection that claimed it
     want: tuple[int, int] | None = None  # (blocks still needed, rows sent) while waiting to resume
@@ -103,11 +105,12 @@ class RoomTable:
         with self.lock:
             return self.finished.get(room_id)
 
-    def writer_done(self, room_id: str, peer: bytes) -> bool:
-        """The sender of a quarantined room spoke again (its write returned): free the blocks."""
+    def writer_done(self, room_id: str, peer: bytes | None) -> bool:
+        """The sender of a quarantined room spoke again (its write returned), or the owner knows no
+        write can come (peer None): free the blocks."""
         with self.lock:
             q = self._quarantine.get(room_id)
-            if q is None or q[2] != peer:
+            if q is None or peer is not None and q[2] != peer:
                 return False
             del self._quarantine[room_id]
             self.alloc.free(q[1])

@@ -1,11 +1,15 @@
 """TransferSender: the encoder's end of the data plane — push one request's rows into a room.
 
-`send(descriptor, payload, deadline_s)` does the whole exchange on one pooled control connection:
-Begin -> Ready (handshake: right receiver, room open; Mooncake waits for it before writing,
-ZMQ pipelines behind it), write the rows that fit, Partial -> Resume
-while more are needed, write the aux record, Done -> Ack. It returns a `SendResult` or raises
-`TransferFailed` (after telling the receiver to abort). Thread-safe: each room uses its own
-connection from the pool; every backend the descriptors name is started lazily.
+`send(descriptor, payload, deadline_s)` does the whole exchange on one pooled control connection.
+ZMQ fast path (the rows fit the descriptor's blocks): the rows go in Data messages whose first
+claims the room and whose last carries the Done seal, then one Ack. Otherwise the handshake first:
+Begin -> Ready (right receiver, room open), the rows that fit, Partial -> Resume while more are
+needed, the aux record, Done -> Ack. Mooncake always waits for Ready before writing (its writes
+bypass the receiver, so it must know the room is still this request's; the payload is prepared
+while the handshake travels); ZMQ pipelines its rows behind the Begin. It returns a `SendResult` or
+raises `TransferFailed` (after telling the receiver to abort). `abandon` tells a receiver that a
+descriptor will never be written. Thread-safe: each room uses its own connection from the pool;
+every backend the descriptors name is started lazily.
 """
 
 from __future__ import annotations
@@ -142,15 +146,31 @@ class TransferSender:
         room, n, v = desc.room, payload.total_rows, payload.vision_rows
         if n == 0:
             raise TransferFailed(f"room {room}: empty prompt")
-        conn.send(m.Begin(room=room, receiver_id=desc.receiver_id, total_rows=n))
+        oob = backend.writes_out_of_band
+        fast = not oob and n <= len(desc.block_ids) * desc.block_size
+        if not fast:
+            conn.send(m.Begin(room=room, receiver_id=desc.receiver_id, total_rows=n))
         try:  # while the handshake travels
             rows = payload.prepare(desc.hidden, desc.num_deepstack, desc.dtype)
         except ValueError as e:
             raise TransferFailed(f"room {room}: {e}") from None
         crc = checksum(rows, desc.checksum == "full")
         aux = AuxRecord(room_tag(room), n, v, payload.mrope_delta, payload.num_images, crc).pack()
+        done = m.Done(
+            room=room,
+            total_rows=n,
+            vision_rows=v,
+            mrope_delta=payload.mrope_delta,
+            num_images=payload.num_images,
+            checksum=crc,
+        )
         blocks, ready = desc.block_ids, None
-        if backend.writes_out_of_band:  # never write memory before the receiver confirmed the room
+        if fast:
+            writes = self._writes(desc, blocks, rows, 0, n, v) + [self._seal(desc, blocks, aux)]
+            backend.write(conn, desc, room, writes, claim=n, done=done)
+            conn.expect(room, m.Ack, deadline)
+            return SendResult(rows=n, bytes=sum(w.src.nbytes for w in writes), resumes=0, seconds=0.0)
+        if oob:  # never write memory before the receiver confirmed the room
             ready = conn.expect(room, m.Ready, deadline)
             blocks = ready.block_ids
         sent, resumes, nbytes = 0, 0, 0
@@ -158,9 +178,9 @@ class TransferSender:
             upto = min(n, len(blocks) * desc.block_size)
             writes = self._writes(desc, blocks, rows, sent, upto, v)
             if upto == n:  # the seal goes last, with the final rows
-                writes.append(Write("aux", blocks[0] * desc.buffers["aux"].row_bytes, aux.view(torch.uint8)))
+                writes.append(self._seal(desc, blocks, aux))
             backend.write(conn, desc, room, writes)
-            nbytes += sum(w.src.numel() for w in writes)
+            nbytes += sum(w.src.nbytes for w in writes)
             sent = upto
             reason = conn.aborted(room)
             if reason is not None:
@@ -179,18 +199,13 @@ class TransferSender:
             blocks, resumes = resume.block_ids, resumes + 1
             if time.monotonic() > deadline:
                 raise TransferFailed(f"room {room}: deadline passed while resuming")
-        conn.send(
-            m.Done(
-                room=room,
-                total_rows=n,
-                vision_rows=v,
-                mrope_delta=payload.mrope_delta,
-                num_images=payload.num_images,
-                checksum=crc,
-            )
-        )
+        conn.send(done)
         conn.expect(room, m.Ack, deadline)
         return SendResult(rows=n, bytes=nbytes, resumes=resumes, seconds=0.0)
+
+    @staticmethod
+    def _seal(desc, blocks: list[int], aux: torch.Tensor) -> Write:
+        return Write("aux", blocks[0] * desc.buffers["aux"].row_bytes, aux.view(torch.uint8).numpy())
 
     @staticmethod
     def _writes(desc, blocks, rows, start: int, stop: int, vision_rows: int) -> list[Write]:
@@ -200,12 +215,30 @@ class TransferSender:
             rb = desc.buffers[name].row_bytes
             if limit <= start or rb == 0:
                 continue
-            src = t.view(t.shape[0], -1).view(torch.uint8)
-            if src.shape[1] != rb:
-                raise TransferFailed(f"{name} rows are {src.shape[1]} bytes, the receiver's are {rb}")
+            src = t.view(-1).view(torch.uint8).numpy()  # rows are contiguous: row r is src[r*rb:(r+1)*rb]
+            if src.size != t.shape[0] * rb:
+                raise TransferFailed(
+                    f"{name} rows are {src.size // max(1, t.shape[0])} bytes, the receiver's are {rb}"
+                )
             for r in runs(blocks, desc.block_size, start, limit):
-                out.append(Write(name, r.dst_row * rb, src[r.src_row : r.src_row + r.n].reshape(-1)))
+                out.append(Write(name, r.dst_row * rb, src[r.src_row * rb : (r.src_row + r.n) * rb]))
         return out
+
+    def abandon(self, descriptor: m.RoomDescriptor | dict, reason: str) -> None:
+        """Tell the receiver that this descriptor will never be written (e.g. the encode failed), so
+        it can fail the room and free its blocks at once. Best effort; never raises."""
+        try:
+            desc = (
+                descriptor
+                if isinstance(descriptor, m.RoomDescriptor)
+                else m.descriptor_from_builtins(descriptor)
+            )
+            conn = self._get(desc.control)
+            conn.sock.send(m.encode(m.Abort(room=desc.room, reason=reason[:500])), zmq.NOBLOCK)
+        except (m.BadMessage, zmq.ZMQError) as e:
+            log.debug("could not abandon a room: %s", e)
+            return
+        self._put(conn)
 
     def _get(self, endpoint: str) -> _Conn:
         with self._lock:

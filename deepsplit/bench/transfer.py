@@ -1,9 +1,11 @@
 """`deepsplit bench transfer`: our push path per backend against raw Mooncake, raw ZMQ and memcpy.
 
 For each payload size (64 KiB .. 256 MiB) in one run: our `TransferSender` -> `TransferReceiver` in
-another process (the whole room exchange: handshake, writes, Done/Ack), Mooncake's bare
+another process (the whole room exchange: handshake if any, writes, Done/Ack), Mooncake's bare
 `transfer_sync_write` of the same bytes between two processes, bare ZMQ PUSH/PULL of the same bytes
-with a one-byte ack back, and a local memcpy. Prints GiB/s and ratios; `--json FILE` keeps all.
+with a one-byte ack back, and a local memcpy. All contenders stay up for the whole run and take
+turns, one repetition each, so the shared machine's slow phases hit them alike. Prints GiB/s and
+ratios; `--json FILE` keeps all.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import multiprocessing as mp
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from deepsplit.bench import transfer_peers as peers
@@ -46,96 +49,113 @@ def _spawn(target, *a):
     return p, mine
 
 
-def bench_ours(backend: str, sizes: list[int], args) -> dict[int, float]:
-    from transfer import BufferSpec, ReceiverSettings, TransferReceiver, descriptor_to_builtins
+class Memcpy:
+    """A local copy of the same bytes (one thread, like the copies in the transfer paths)."""
 
-    rows_max = max(peers.rows_for(s) for s in sizes)
-    spec = BufferSpec(
-        hidden=peers.HIDDEN, num_deepstack=peers.DEEPSTACK, block_size=256, num_blocks=-(-rows_max // 256)
-    )
-    rx = TransferReceiver(spec, ReceiverSettings(backend=backend))
-    proc, conn = _spawn(peers.ours_sender)
-    out = {}
-    try:
-        for s in sizes:
-            rows, times = peers.rows_for(s), []
-            for i in range(_reps(s, args) + 1):
-                d = rx.open_room(rows)
-                conn.send((descriptor_to_builtins(d), rows))
-                dt = conn.recv()
-                rx.wait_room(d.room, 60).release()
-                if i:  # the first is warm-up
-                    times.append(dt)
-            out[s] = statistics.median(times)
-    finally:
-        conn.send(None)
-        proc.join(10)
-        rx.close()
-    return out
+    def __init__(self, max_bytes: int) -> None:
+        self.src = torch.randn(max_bytes // 4 + 1).view(torch.uint8).numpy()
+        self.dst = np.empty_like(self.src)
+
+    def once(self, nbytes: int) -> float:
+        t = time.perf_counter()
+        np.copyto(self.dst[:nbytes], self.src[:nbytes])
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        pass
 
 
-def bench_raw_mooncake(sizes: list[int], args) -> dict[int, float]:
-    from transfer.backends.mooncake_backend import _engine
+class RawMooncake:
+    """Mooncake's bare `transfer_sync_write` into a buffer registered by another process."""
 
-    proc, conn = _spawn(peers.raw_mooncake_target, max(sizes))
-    session, addr = conn.recv()
-    eng = _engine("127.0.0.1", "tcp", "")
-    src = torch.randn(max(sizes) // 4 + 1).view(torch.uint8)
-    assert eng.register_memory(src.data_ptr(), src.numel()) == 0
-    out = {}
+    def __init__(self, max_bytes: int) -> None:
+        from transfer.backends.mooncake_backend import _engine
+
+        self.proc, self.conn = _spawn(peers.raw_mooncake_target, max_bytes)
+        self.session, self.addr = self.conn.recv()
+        self.eng = _engine("127.0.0.1", "tcp", "")
+        self.src = torch.randn(max_bytes // 4 + 1).view(torch.uint8)
+        assert self.eng.register_memory(self.src.data_ptr(), self.src.numel()) == 0
+
+    def once(self, nbytes: int) -> float:
+        t = time.perf_counter()
+        assert self.eng.transfer_sync_write(self.session, self.src.data_ptr(), self.addr, nbytes) == 0
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+
+
+class RawZmq:
+    """Bare ZMQ PUSH of the bytes as one zero-copy frame to another process, which acks each."""
+
+    def __init__(self, max_bytes: int) -> None:
+        import zmq
+
+        self.proc, conn = _spawn(peers.raw_zmq_sink)
+        self.ctx = zmq.Context()
+        self.push, self.ack = self.ctx.socket(zmq.PUSH), self.ctx.socket(zmq.PULL)
+        self.push.connect(f"tcp://127.0.0.1:{conn.recv()}")
+        port = self.ack.bind_to_random_port("tcp://127.0.0.1")
+        conn.send(f"tcp://127.0.0.1:{port}")
+        self.src = torch.randn(max_bytes // 4 + 1).view(torch.uint8).numpy()
+
+    def once(self, nbytes: int) -> float:
+        t = time.perf_counter()
+        self.push.send(memoryview(self.src[:nbytes]), copy=False)
+        self.ack.recv()
+        return time.perf_counter() - t
+
+    def close(self) -> None:
+        self.push.send(b"")
+        self.proc.join(10)
+        self.ctx.destroy(0)
+
+
+class Ours:
+    """Our `TransferSender` in another process pushing a room into our `TransferReceiver` here; the
+    time is the sender's whole `send` (handshake if any, writes, Done/Ack)."""
+
+    def __init__(self, backend: str, sizes: list[int]) -> None:
+        from transfer import BufferSpec, ReceiverSettings, TransferReceiver
+
+        rows_max = max(peers.rows_for(s) for s in sizes)
+        spec = BufferSpec(
+            hidden=peers.HIDDEN, num_deepstack=peers.DEEPSTACK, block_size=256, num_blocks=-(-rows_max // 256)
+        )
+        self.rx = TransferReceiver(spec, ReceiverSettings(backend=backend))
+        self.proc, self.conn = _spawn(peers.ours_sender)
+
+    def once(self, nbytes: int) -> float:
+        from transfer import descriptor_to_builtins
+
+        rows = peers.rows_for(nbytes)
+        d = self.rx.open_room(rows)
+        self.conn.send((descriptor_to_builtins(d), rows))
+        dt = self.conn.recv()
+        self.rx.wait_room(d.room, 60).release()
+        return dt
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.proc.join(10)
+        self.rx.close()
+
+
+def measure(contenders: dict, sizes: list[int], args) -> dict[str, dict[int, float]]:
+    """Median seconds per contender and size. Repetitions are interleaved (one of each contender in
+    turn), so a slow phase of this shared machine hits every contender alike."""
+    out: dict[str, dict[int, float]] = {name: {} for name in contenders}
     for s in sizes:
-        times = []
+        times: dict[str, list[float]] = {name: [] for name in contenders}
         for i in range(_reps(s, args) + 1):
-            t = time.perf_counter()
-            assert eng.transfer_sync_write(session, src.data_ptr(), addr, s) == 0
-            if i:
-                times.append(time.perf_counter() - t)
-        out[s] = statistics.median(times)
-    conn.send(None)
-    proc.join(10)
-    return out
-
-
-def bench_raw_zmq(sizes: list[int], args) -> dict[int, float]:
-    import zmq
-
-    proc, conn = _spawn(peers.raw_zmq_sink)
-    ctx = zmq.Context()
-    push, ack = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
-    push.connect(f"tcp://127.0.0.1:{conn.recv()}")
-    port = ack.bind_to_random_port("tcp://127.0.0.1")
-    conn.send(f"tcp://127.0.0.1:{port}")
-    src = torch.randn(max(sizes) // 4 + 1).view(torch.uint8).numpy()
-    out = {}
-    for s in sizes:
-        times = []
-        for i in range(_reps(s, args) + 1):
-            t = time.perf_counter()
-            push.send(memoryview(src[:s]), copy=False)
-            ack.recv()
-            if i:
-                times.append(time.perf_counter() - t)
-        out[s] = statistics.median(times)
-    push.send(b"")
-    proc.join(10)
-    ctx.destroy(0)
-    return out
-
-
-def bench_memcpy(sizes: list[int], args) -> dict[int, float]:
-    import numpy as np
-
-    src = torch.randn(max(sizes) // 4 + 1).view(torch.uint8).numpy()
-    dst = np.empty_like(src)
-    out = {}
-    for s in sizes:
-        times = []
-        for i in range(_reps(s, args) + 1):
-            t = time.perf_counter()
-            np.copyto(dst[:s], src[:s])  # one thread, like the copies in the transfer paths
-            if i:
-                times.append(time.perf_counter() - t)
-        out[s] = statistics.median(times)
+            for name, c in contenders.items():
+                t = c.once(s)
+                if i:  # the first round is warm-up
+                    times[name].append(t)
+        for name, ts in times.items():
+            out[name][s] = statistics.median(ts)
     return out
 
 
@@ -148,13 +168,18 @@ def run(args: argparse.Namespace) -> int:
     backends = [b for b in args.backends.split(",") if b]
     # ours moves rows, not a byte count: its payload is the whole number of rows covering the size
     moved = {s: peers.rows_for(s) * peers.ROW_BYTES for s in sizes}
-    secs: dict[str, dict[int, float]] = {"memcpy": bench_memcpy(sizes, args)}
-    if "mooncake" in backends:
-        secs["raw mooncake"] = bench_raw_mooncake(sizes, args)
-        secs["ours mooncake"] = bench_ours("mooncake", sizes, args)
-    if "zmq" in backends:
-        secs["raw zmq"] = bench_raw_zmq(sizes, args)
-        secs["ours zmq"] = bench_ours("zmq", sizes, args)
+    contenders: dict = {"memcpy": Memcpy(max(sizes))}
+    try:
+        if "mooncake" in backends:
+            contenders["raw mooncake"] = RawMooncake(max(sizes))
+            contenders["ours mooncake"] = Ours("mooncake", sizes)
+        if "zmq" in backends:
+            contenders["raw zmq"] = RawZmq(max(sizes))
+            contenders["ours zmq"] = Ours("zmq", sizes)
+        secs = measure(contenders, sizes, args)
+    finally:
+        for c in contenders.values():
+            c.close()
     rows = []
     for s in sizes:
         row = {"bytes": s, "ours_bytes": moved[s]}

@@ -115,12 +115,13 @@ class DisaggregatedProvider(MultimodalProvider):
                 deadline_s=min(left, self.s.transfer_ttl_s),
             )
 
-        async def on_failed(req: EncodeRequest) -> None:
-            self.receiver.abort(req.room, "encode attempt failed")
+        async def on_failed(req: EncodeRequest, writer_gone: bool) -> None:
+            self.receiver.abort(req.room, "encode attempt failed", writer_gone=writer_gone)
 
-        ok = False
+        ok, answered = False, ""
         try:
             resp = await self.pool.encode(make_request, on_failed)
+            answered = resp.room  # the encoder replied: its sender is done with that room
             room = await asyncio.wait_for(asyncio.wrap_future(self.receiver.future(resp.room)), 5.0)
             inputs = MultimodalInputs(
                 fill_ids=room.fill_ids.long(),
@@ -140,7 +141,8 @@ class DisaggregatedProvider(MultimodalProvider):
             raise EncoderUnavailable(f"image rows did not arrive: {e}") from None
         finally:  # every room but the one handed out goes back (no-op for rooms already failed)
             for r in rooms if not ok else rooms[:-1]:
-                self.receiver.abort(r, "request failed or cancelled" if not ok else "superseded attempt")
+                why = "request failed or cancelled" if not ok else "superseded attempt"
+                self.receiver.abort(r, why, writer_gone=r == answered)
 
     def buffer_usage(self) -> tuple[int, int] | None:
         st = self.receiver.stats()

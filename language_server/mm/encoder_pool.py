@@ -119,12 +119,14 @@ class EncoderPool:
     async def encode(
         self,
         make_request: Callable[[int], Awaitable[EncodeRequest]],
-        on_failed_attempt: Callable[[EncodeRequest], Awaitable[None]],
+        on_failed_attempt: Callable[[EncodeRequest, bool], Awaitable[None]],
     ) -> EncodeResponse:
         """Try healthy encoders (least loaded first) up to `max_attempts` times.
 
-        `make_request(attempt)` builds a fresh request (fresh room) per attempt; `on_failed_attempt`
-        releases what that attempt held before the next one starts.
+        `make_request(attempt)` builds a fresh request (fresh room) per attempt;
+        `on_failed_attempt(req, writer_gone)` releases what that attempt held before the next one
+        starts; `writer_gone` is True when the encoder can no longer write into the room (it answered,
+        or the connection was refused so it never got the request).
         """
         tried: set[str] = set()
         errors: list[str] = []
@@ -134,20 +136,22 @@ class EncoderPool:
                 break
             tried.add(enc.url)
             req = await make_request(attempt)
-            timed_out = False
+            timed_out = writer_gone = False
             enc.inflight += 1
             try:
                 resp = await self._post(enc, req)
             except (httpx.HTTPError, ValueError) as exc:
                 resp, err = None, f"{enc.url}: {type(exc).__name__}: {exc}"
                 timed_out = isinstance(exc, httpx.TimeoutException)
+                writer_gone = isinstance(exc, httpx.ConnectError)
             finally:
                 enc.inflight -= 1
             if resp is not None and resp.status == "ok":
                 enc.served += 1
                 return resp
+            writer_gone = writer_gone or resp is not None
             if resp is not None and resp.status == "bad_request":
-                await on_failed_attempt(req)
+                await on_failed_attempt(req, writer_gone)
                 raise EncodeRejected(resp.message)
             if resp is not None:
                 err = f"{enc.url}: {resp.status}: {resp.message}"
@@ -163,7 +167,7 @@ class EncoderPool:
                 err,
                 "retrying" if attempt + 1 < self.max_attempts else "giving up",
             )
-            await on_failed_attempt(req)
+            await on_failed_attempt(req, writer_gone)
         detail = "; ".join(errors) if errors else "no healthy encode server"
         raise EncoderUnavailable(f"no encode server could take the request: {detail}")
 

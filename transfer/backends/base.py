@@ -9,29 +9,31 @@ whether data arrives as frames on the control socket (zmq) or out of band (Moonc
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from typing import NamedTuple
 
-import torch
+import numpy as np
 
 
 class TransferError(RuntimeError):
     """Bytes could not be moved (peer gone, engine error, deadline)."""
 
 
-@dataclass(frozen=True)
-class Write:
+class Write(NamedTuple):
     buffer: str  # embeddings | fill_ids | mrope | deepstack | aux
     offset: int  # byte offset in the receiver's buffer region
-    src: torch.Tensor  # contiguous uint8 source bytes
+    src: np.ndarray  # contiguous 1-D uint8 source bytes (kept alive by the caller until written)
 
 
 class SenderBackend(abc.ABC):
     name: str
-    writes_out_of_band: bool  # True: bytes bypass the control link (wait for the handshake first)
+    writes_out_of_band: bool  # True: bytes bypass the control link (handshake or verified link first)
 
     @abc.abstractmethod
-    def write(self, conn, desc, room: str, writes: list[Write]) -> None:
-        """Put every write's bytes into the receiver's region; `conn` is the room's control link."""
+    def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
+        """Put every write's bytes into the receiver's region; `conn` is the room's control link.
+
+        Fast path (backends whose bytes travel on the control link only): `claim` > 0 claims the
+        room for that many rows with the first bytes, and `done` (a `Done`) seals it with the last."""
 
     def close(self) -> None:  # noqa: B027 - optional
         pass

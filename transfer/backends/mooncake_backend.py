@@ -39,12 +39,14 @@ class MooncakeSender(SenderBackend):
         self._regs: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
 
-    def write(self, conn, desc, room: str, writes: list[Write]) -> None:
+    def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
+        if claim or done is not None:
+            raise TransferError("Mooncake writes bypass the control link: claim and seal there")
         if not writes:
             return
-        srcs = [w.src.data_ptr() for w in writes]
+        srcs = [w.src.__array_interface__["data"][0] for w in writes]
         dsts = [desc.buffers[w.buffer].addr + w.offset for w in writes]
-        lens = [w.src.numel() for w in writes]
+        lens = [w.src.nbytes for w in writes]
         regs = [(s, n) for s, n in zip(srcs, lens, strict=True)] if self.register_sources else []
         for r in regs:
             self._ref(r, +1)

@@ -12,13 +12,16 @@ from language_server.mm.encoder_pool import EncodeRejected, EncoderPool, Encoder
 
 
 def _transport(behaviour: dict[str, str], calls: list[str]):
-    """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy'."""
+    """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy' | 'hung'."""
 
     def handler(request: httpx.Request) -> httpx.Response:
         host = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
         mode = behaviour[host]
         if mode == "down":
             raise httpx.ConnectError("connection refused", request=request)
+        if mode == "hung" and request.url.path != "/health":
+            calls.append(host)
+            raise httpx.ReadTimeout("no answer", request=request)
         if request.url.path == "/health":
             return httpx.Response(503 if mode == "unhealthy" else 200, json={})
         calls.append(host)
@@ -42,8 +45,9 @@ def _run(behaviour, fn):
         async def make(attempt):
             return EncodeRequest(room=f"room-{attempt}", messages=[], descriptor={})
 
-        async def on_fail(req):
-            failed.append(req.room)
+        async def on_fail(req, writer_gone):
+            # "?" marks an attempt whose encoder may still write (no answer, not refused)
+            failed.append(req.room if writer_gone else req.room + "?")
 
         try:
             return pool, await fn(pool, make, on_fail)
@@ -111,3 +115,12 @@ def test_least_loaded_is_picked():
 def test_no_encoders_at_all():
     with pytest.raises(EncoderUnavailable, match="no healthy encode server"):
         _run({}, lambda p, m, f: p.encode(m, f))
+
+
+def test_writer_gone_only_when_the_encoder_answered_or_was_unreachable():
+    """A timed-out attempt's encoder may still write into its room (the receiver must keep the
+    blocks until it reports back); an answered or refused one cannot."""
+    _, resp, calls, failed = _run({A: "hung", B: "down", C: "ok"}, lambda p, m, f: _first_a(p, m, f))
+    assert resp.status == "ok" and calls[0] == A and "room-0?" in failed
+    _, resp, calls, failed = _run({A: "overloaded", B: "ok"}, lambda p, m, f: _first_a(p, m, f))
+    assert resp.status == "ok" and failed == ["room-0"]
