@@ -2,7 +2,8 @@
 
 `ours_sender`: a real `TransferSender` that pushes a payload of the asked size into the room it is
 given and reports how long `send` took (handshake, writes, Done/Ack included). `raw_mooncake_target`
-registers a plain buffer for Mooncake writes; `raw_zmq_sink` PULLs frames and acks each message.
+registers a plain buffer for Mooncake writes; `raw_zmq_sink` PULLs frames (optionally copying each
+into a preallocated buffer) and acks each message.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def raw_mooncake_target(conn, nbytes: int) -> None:
     conn.recv()  # until the writer is done
 
 
-def raw_zmq_sink(conn) -> None:
+def raw_zmq_sink(conn, into_bytes: int = 0) -> None:
+    """Acks every message; with `into_bytes` it first copies the frame into a preallocated buffer of
+    that size (`recv_into`), as any receiver that keeps rows in a registered pool must with ZMQ."""
     import zmq
 
     ctx = zmq.Context()
@@ -62,9 +65,12 @@ def raw_zmq_sink(conn) -> None:
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     conn.send(port)
     ack.connect(conn.recv())
+    pool = torch.empty(into_bytes, dtype=torch.uint8).numpy() if into_bytes else None
     while True:
-        frames = pull.recv_multipart(copy=False)
-        if len(frames[0]) == 0:
+        if pool is not None:
+            if pull.recv_into(pool) == 0:
+                break
+        elif len(pull.recv(copy=False)) == 0:
             break
         ack.send(b"k")
     ctx.destroy(0)
