@@ -1,0 +1,67 @@
+"""EncodeService with a real transfer receiver in this process (ZMQ): a good request delivers its
+rows into the room; a request the encoder refuses fails its room at once (the encoder abandons it),
+so the language side never waits for rows that will not come and the blocks are back at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from encode_server.config import EncodeSettings
+from encode_server.metrics import EncodeMetrics
+from encode_server.protocol import EncodeRequest
+from encode_server.service import EncodeService
+from tests.language_server.conftest import data_url, image_message, make_image
+from transfer import BufferSpec, ReceiverSettings, RoomFailed, TransferReceiver, descriptor_to_builtins
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir):
+    svc = EncodeService(EncodeSettings(model=str(tiny_model_dir), max_images_per_request=2), EncodeMetrics())
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def receiver(tiny_model_dir):
+    from deepsplit.model.config import ModelConfig
+
+    cfg = ModelConfig.from_dir(tiny_model_dir)
+    spec = BufferSpec(
+        hidden=cfg.text.hidden_size, num_deepstack=cfg.n_deepstack, block_size=64, num_blocks=32
+    )
+    rx = TransferReceiver(spec, ReceiverSettings(backend="zmq"))
+    yield rx
+    rx.close()
+
+
+def ask(service, rx, messages):
+    desc = rx.open_room(64)
+    req = EncodeRequest(
+        room=desc.room, messages=messages, descriptor=descriptor_to_builtins(desc), deadline_s=20
+    )
+    return desc, service.handle(req)
+
+
+def test_good_request_delivers_rows(service, receiver):
+    desc, resp = ask(service, receiver, image_message("What?", [data_url(make_image(32, 48, 1))]))
+    assert resp.status == "ok", resp.message
+    got = receiver.wait_room(desc.room, 5)
+    assert got.fill_ids.numel() == resp.num_rows and got.embeddings.shape[0] == resp.num_vision_rows
+    got.release()
+    assert receiver.stats()["blocks_free"] == 32
+
+
+@pytest.mark.parametrize(
+    "messages,status,words",
+    [
+        (image_message("What?", ["data:image/png;base64,bm90IGFuIGltYWdl"]), "bad_request", "image"),
+        (image_message("What?", [data_url(make_image(8, 8, i)) for i in range(3)]), "bad_request", "limit"),
+    ],
+    ids=["not_an_image", "too_many_images"],
+)
+def test_refused_request_fails_its_room_at_once(service, receiver, messages, status, words):
+    desc, resp = ask(service, receiver, messages)
+    assert resp.status == status and words in resp.message, resp
+    with pytest.raises(RoomFailed, match="encoder: bad_request"):
+        receiver.wait_room(desc.room, 5)  # failed by the encoder's Abort, not by a deadline
+    assert receiver.stats()["blocks_free"] == 32
