@@ -6,8 +6,9 @@ GEMMs of such a step — attention projections, router, the experts with the rou
 observed, dense MLPs, lm_head — timed alone. Each part is timed in every form the model could use
 and counts at its fastest (all forms are reported as `part[form]`): torch's dense GEMM (MKL; for
 lm_head as `W @ h^T` and as `F.linear`; for the experts one GEMM per expert and two `bmm` over all
-experts padded to the busiest) and the oneDNN-packed weights the serving runner uses (one GEMM per
-expert on exactly its rows). It does not change the model code.
+experts padded to the busiest), the oneDNN-packed weights the serving runner uses (one GEMM per
+expert on exactly its rows) and, where it loads, the native expert kernel the model decodes with
+(`deepsplit.native`, its GEMMs only: no SiLU, no weighted sum). It does not change the model code.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def measure(model_dir: str, batch: int, context: int, steps: int, threads: int) 
 def _roofline(lm, B: int, counts: list[list[int]], F) -> dict:
     import torch
 
+    from deepsplit import native
     from deepsplit.model import packed
     from deepsplit.model.moe import SparseMoeBlock
 
@@ -126,6 +128,14 @@ def _roofline(lm, B: int, counts: list[list[int]], F) -> dict:
                         add("experts", "packed", pk, xe, mlp._packed[e][0])
                         add("experts", "packed", pk, ae, mlp._packed[e][1])
             n, E = max(counts[moe_i]), gu.shape[0]
+            if native.load() and dt == torch.float32:
+                ids = torch.repeat_interleave(torch.arange(E), torch.tensor(counts[moe_i])).view(B, -1)
+                wts = torch.full(ids.shape, 1.0 / ids.shape[1])
+
+                def gemms(x_, w, ids=ids, wts=wts):
+                    return torch.ops.deepsplit.moe_experts(x_, ids, wts, *w, True)
+
+                add("experts", "native", gemms, x, (gu, down))
             add("experts", "padded_bmm", torch.bmm, torch.randn(E, n, H, dtype=dt), gu)
             add("experts", "padded_bmm", torch.bmm, torch.randn(E, n, inter, dtype=dt), down)
             moe_i += 1

@@ -2,8 +2,10 @@
 
 A step's tokens are laid out sequence after sequence (`[T, ...]`). `AttentionMetadata` says how
 many new tokens each sequence has and how many it already cached; the runner builds it, this
-module only reads it. Single-token decodes are attended in a few padded calls (sequences grouped by
-length); prefill chunks one call per sequence. Without a cache each sequence attends to its own new tokens only.
+module only reads it. Single-token decodes are attended by the native paged kernel
+(`deepsplit.native`, straight from the cache blocks) where it loads, else in a few padded SDPA calls
+(sequences grouped by length); prefill chunks one call per sequence. Without a cache each sequence
+attends to its own new tokens only.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from deepsplit import native
+
 
 @dataclass
 class AttentionMetadata:
@@ -20,6 +24,7 @@ class AttentionMetadata:
     context_lens: list[int]  # tokens already in the cache per sequence (0 for a fresh prompt)
     slot_mapping: torch.Tensor | None = None  # [T] long: flat cache slot of each new token
     block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
+    native: bool | None = None  # decode with the native kernel: None where it loads and fits, True insist
 
     @classmethod
     def no_cache(cls, query_lens: list[int]) -> AttentionMetadata:
@@ -32,6 +37,17 @@ class AttentionMetadata:
         # decode sequences come last in a step when the runner orders them so; we do not rely on it
         self.decode_idx = [i for i, q in enumerate(self.query_lens) if q == 1 and self.context_lens[i] > 0]
         self._decode: list[_DecodePlan] | None = None
+        self._decode_index: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def decode_index(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sequence, step row, keys incl. the new one) of each decode sequence, [n] long each: what the
+        native kernel reads; built once per step."""
+        if self._decode_index is None:
+            idx = self.decode_idx
+            rows = [self.starts[i] for i in idx]
+            lens = [self.total_lens[i] for i in idx]
+            self._decode_index = (torch.tensor(idx), torch.tensor(rows), torch.tensor(lens))
+        return self._decode_index
 
     def decode_plans(self, k_cache: torch.Tensor) -> list[_DecodePlan]:
         """What every layer needs to attend the decode sequences, one plan per group of similar
@@ -126,11 +142,16 @@ def attention(
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
     out = q.new_empty(T, nh, d)
     decode = meta.decode_idx if cache is not None else []
-    if decode:
+    if decode and _native_decode(meta, q, cache[0]):
+        seqs, rows, lens = meta.decode_index()
+        torch.ops.deepsplit.paged_decode_attention(
+            q.contiguous(), *cache, meta.block_tables, seqs, rows, lens, scale, out
+        )
+    elif decode:
         for plan in meta.decode_plans(cache[0]):
             _batched_decode(q, out, plan, cache, scale)
     skip = set(decode)
-    for i, qlen in enumerate(meta.query_lens):
+    for i, qlen in enumerate(meta.query_lens if len(decode) < meta.num_seqs else []):
         if i in skip or qlen == 0:
             continue
         s = meta.starts[i]
@@ -148,6 +169,14 @@ def attention(
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + qlen] = o[0].transpose(0, 1)
     return out.reshape(T, nh * d)
+
+
+def _native_decode(meta: AttentionMetadata, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    if meta.native is not None:
+        return meta.native
+    return (
+        q.dtype == k_cache.dtype == torch.float32 and q.shape[-1] in (16, 32, 64, 128, 256) and native.load()
+    )
 
 
 def _length_groups(lens: list[int], overhead: int, cap: int) -> list[tuple[int, int]]:

@@ -14,7 +14,14 @@ from torch import nn
 from deepsplit.model import packed
 from deepsplit.model.attention import AttentionMetadata, PagedKVCache, attention
 from deepsplit.model.config import TextConfig
-from deepsplit.model.layers import DenseMLP, MRotaryEmbedding, RMSNorm, apply_rotary, logits_and_argmax
+from deepsplit.model.layers import (
+    DenseMLP,
+    MRotaryEmbedding,
+    RMSNorm,
+    logits_and_argmax,
+    norm_rope,
+    row_max,
+)
 from deepsplit.model.moe import SparseMoeBlock
 
 
@@ -44,8 +51,8 @@ class Attention(nn.Module):
             q, k, v = packed.linear(x, self._qkv).split([nq, nkv, nkv], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = apply_rotary(self.q_norm(q.view(T, self.nh, self.d)), cos, sin)
-        k = apply_rotary(self.k_norm(k.view(T, self.nkv, self.d)), cos, sin)
+        q = norm_rope(q.view(T, self.nh, self.d), self.q_norm, cos, sin)
+        k = norm_rope(k.view(T, self.nkv, self.d), self.k_norm, cos, sin)
         o = attention(q, k, v.view(T, self.nkv, self.d), meta, cache, self.scale)
         return self.o_proj(o) if self._o is None else packed.linear(o, self._o)
 
@@ -64,8 +71,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h, cos, sin, meta, cache) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, meta, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, meta, cache)
+        h, x = self.post_attention_layernorm.add(h, a)  # h + a and its norm, one pass
+        return h + self.mlp(x)
 
 
 class Qwen3MoeModel(nn.Module):
@@ -162,7 +170,7 @@ class Qwen3MoeForCausalLM(nn.Module):
         vals, idx, parts, a = [], [], [], 0
         for w in self._lm_head:
             y = packed.linear(hidden, w)  # [B, C]
-            m, i = y.max(-1)
+            m, i = row_max(y)
             vals.append(m)
             idx.append(i + a)
             a += y.shape[1]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from deepsplit import native
 from deepsplit.model.attention import AttentionMetadata, PagedKVCache
 from language_server.engine.sampler import RowParams, sample
 from language_server.engine.scheduler import SchedulerOutput
@@ -31,6 +32,7 @@ class ModelRunner:
     def __init__(self, lm, cfg, num_blocks: int, block_size: int) -> None:
         t = cfg.text
         self.lm, self.cfg, self.block_size = lm.pack_weights(), cfg, block_size
+        native.load()  # build the native kernels now (once per machine), not in the first decode step
         self.dtype = lm.lm_head.weight.dtype
         self.hidden = t.hidden_size
         self.kv = PagedKVCache(
