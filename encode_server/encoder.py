@@ -9,6 +9,7 @@ Writing them to a language node is the service's job (`service.py`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,8 +59,11 @@ class Encoder:
         images: list,
         image_bytes: list[bytes] | None = None,
         timeout_s: float | None = None,
+        on_rows: Callable[[int], object] | None = None,
     ) -> EncodedPrompt:
-        """`images`: decoded PIL images in prompt order; `image_bytes`: their encoded bytes (cache keys)."""
+        """`images`: decoded PIL images in prompt order; `image_bytes`: their encoded bytes (cache keys).
+        `on_rows(n)` is called with the prompt's row count as soon as it is known, before the vision
+        tower's results are awaited (the service claims the language node's room then)."""
         t0 = time.perf_counter()
         keys = [content_key(b) for b in image_bytes] if image_bytes is not None else [None] * len(images)
         cached = [self.cache.get(k) if k else None for k in keys]
@@ -79,6 +83,8 @@ class Encoder:
         positions, delta = mrope_positions(
             ids, self.cfg.image_token_id, grids, self.cfg.vision.spatial_merge_size
         )
+        if on_rows is not None:
+            on_rows(len(ids))
         embeds, deepstack = [], []
         for i in range(len(images)):
             if cached[i] is not None:

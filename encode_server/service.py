@@ -1,5 +1,8 @@
 """One encode request end to end: decode images, encode (cache + batched vision), push rows, report.
 
+The room is claimed as soon as the prompt's row count is known, so the transfer handshake travels
+while the vision tower runs; every exit that will not write abandons the room (its blocks free now).
+
 `EncodeService.handle(req)` never raises for a bad request: it returns an `EncodeResponse` whose
 status says what happened (`bad_request` with the reason for unusable input, `error` for a failed
 transfer). It is synchronous; the HTTP layer runs it in a worker thread.
@@ -76,7 +79,11 @@ class EncodeService:
                 )
             loaded = [load_image(u, self.limits) for u in urls]
             encoded = self.encoder.encode(
-                req.messages, [img for img, _ in loaded], [b for _, b in loaded], timeout_s=req.deadline_s
+                req.messages,
+                [img for img, _ in loaded],
+                [b for _, b in loaded],
+                timeout_s=req.deadline_s,
+                on_rows=lambda n: self.sender.claim(req.descriptor, n, req.deadline_s),
             )
         except TimeoutError as e:  # queued behind other work: another encoder may be free
             return self._refuse(req, "overloaded", str(e))

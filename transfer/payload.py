@@ -1,9 +1,10 @@
 """What a sender pushes for one request, the aux record that seals it, and their checksums.
 
-`MultimodalPayload.prepare(desc)` checks the payload against the receiver's descriptor (hidden,
-deepstack, dtype) and lays each buffer out row-major and contiguous, as the blocks store it. The aux
-record (written last, into the request's first block) repeats the lengths, the mrope delta, a tag of
-the room id and a crc32, so the receiver never hands a torn, stale or foreign write to the model.
+`MultimodalPayload.prepare(hidden, n_deepstack, dtype)` checks the payload against the receiver's
+descriptor and gives each buffer's rows as flat bytes, row-major and contiguous as the blocks store
+them (no copy where the tensors already are). The aux record (written last, into the request's first
+block) repeats the lengths, the mrope delta, a tag of the room id and a crc32, so the receiver never
+hands a torn, stale or foreign write to the model.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from transfer.config import torch_dtype
 
 MAGIC = 0x44535046  # "DSPF"
 AUX_VERSION = 1
+_PAD = (0,) * (AUX_WORDS - 8)
 
 
 @dataclass
@@ -38,8 +40,8 @@ class MultimodalPayload:
     def vision_rows(self) -> int:
         return int(self.embeddings.shape[0])
 
-    def prepare(self, hidden: int, num_deepstack: int, dtype: str) -> dict[str, torch.Tensor]:
-        """name -> contiguous tensor whose row i is request row i of that buffer."""
+    def prepare(self, hidden: int, num_deepstack: int, dtype: str) -> dict[str, np.ndarray]:
+        """name -> flat uint8 array whose bytes [r*rb, (r+1)*rb) are request row r of that buffer."""
         n, v = self.total_rows, self.vision_rows
         dt = torch_dtype(dtype)
         if self.mrope.shape != (3, n):
@@ -55,26 +57,30 @@ class MultimodalPayload:
                 f"deepstack is {tuple(self.deepstack.shape)}, the receiver expects ({v}, {num_deepstack * hidden})"
             )
         return {
-            "fill_ids": self.fill_ids.to(torch.int32).contiguous(),
-            "mrope": self.mrope.to(torch.int32).t().contiguous(),
-            "embeddings": self.embeddings.to(dt).contiguous(),
-            "deepstack": self.deepstack.to(dt).contiguous(),
+            "fill_ids": _flat(self.fill_ids, torch.int32),
+            "mrope": _flat(self.mrope.t(), torch.int32),  # [N, 3]: a row's three positions together
+            "embeddings": _flat(self.embeddings, dt),
+            "deepstack": _flat(self.deepstack, dt),
         }
 
 
-def _bytes(t: torch.Tensor) -> np.ndarray:
-    if t.dtype in (torch.int32, torch.float32) and t.is_contiguous():
-        return t.numpy()  # no byte view needed: crc32 reads the buffer
+def _flat(t: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """t's values in `dtype`, row-major, as flat bytes (a view when t already is that)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if dtype in (torch.float32, torch.int32):  # numpy knows these: skip torch's view ops
+        a = t.numpy()
+        return (a if a.flags.c_contiguous else np.ascontiguousarray(a)).reshape(-1).view(np.uint8)
     return t.contiguous().view(-1).view(torch.uint8).numpy()
 
 
-def checksum(rows: dict[str, torch.Tensor], full: bool) -> int:
+def checksum(rows: dict[str, np.ndarray], full: bool) -> int:
     """crc32 of fill ids and positions (and, if `full`, of vision and deepstack rows), as int32."""
-    c = zlib.crc32(_bytes(rows["fill_ids"]))
-    c = zlib.crc32(_bytes(rows["mrope"]), c)
+    c = zlib.crc32(rows["fill_ids"])
+    c = zlib.crc32(rows["mrope"], c)
     if full:
-        c = zlib.crc32(_bytes(rows["embeddings"]), c)
-        c = zlib.crc32(_bytes(rows["deepstack"]), c)
+        c = zlib.crc32(rows["embeddings"], c)
+        c = zlib.crc32(rows["deepstack"], c)
     return signed32(c)
 
 
@@ -96,11 +102,10 @@ class AuxRecord:
     num_images: int
     checksum: int
 
-    def pack(self) -> torch.Tensor:
+    def pack(self) -> np.ndarray:
         """[AUX_WORDS] int32, the layout of one aux slot."""
-        words = [MAGIC, AUX_VERSION, self.room_tag, self.total_rows, self.vision_rows, self.mrope_delta]
-        words += [self.num_images, self.checksum]
-        return torch.tensor(words + [0] * (AUX_WORDS - len(words)), dtype=torch.int32)
+        words = (MAGIC, AUX_VERSION, self.room_tag, self.total_rows, self.vision_rows, self.mrope_delta)
+        return np.array(words + (self.num_images, self.checksum) + _PAD, dtype=np.int32)
 
     @classmethod
     def unpack(cls, slot) -> AuxRecord | None:

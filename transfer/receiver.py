@@ -43,6 +43,7 @@ class ReceivedRoom:
     mrope_delta: int
     num_images: int
     _receiver: TransferReceiver | None = None
+    ready_at: float = 0.0  # time.monotonic() when the rows were verified (the host's clock)
 
     def release(self) -> None:
         """Give the blocks back (after prefill consumed the rows); idempotent."""
@@ -228,15 +229,10 @@ class TransferReceiver:
             if not isinstance(msg, m.Abort):
                 self._send(peer, m.Ack(room=room.id, ok=False, reason="room is claimed by another sender"))
             return
-        handler = {
-            m.Begin: self._on_begin,
-            m.Partial: self._on_partial,
-            m.Done: self._on_done,
-            m.Abort: self._on_abort,
-        }.get(type(msg))
+        handler = self._HANDLERS.get(type(msg))
         if handler is None:
             return log.warning("transfer: unexpected %s from a sender, ignored", type(msg).__name__)
-        handler(peer, room, msg)
+        handler(self, peer, room, msg)
 
     def _refuse_unknown(self, peer: bytes, msg) -> None:
         """Answer a message for a room this receiver does not have (late, or another incarnation's)."""
@@ -363,6 +359,7 @@ class TransferReceiver:
             msg.mrope_delta,
             msg.num_images,
             self,
+            time.monotonic(),
         )
         self.rooms.done(room, result)
 
@@ -387,6 +384,8 @@ class TransferReceiver:
 
     def _on_abort(self, peer: bytes, room: Room, msg: m.Abort) -> None:
         self.rooms.fail(room.id, f"sender aborted: {msg.reason}", out_of_band_writer=False)
+
+    _HANDLERS = {m.Begin: _on_begin, m.Partial: _on_partial, m.Done: _on_done, m.Abort: _on_abort}
 
     def _fail(self, room: Room, reason: str) -> None:
         log.warning("transfer: room %s failed: %s", room.id, reason)

@@ -5,11 +5,12 @@ ZMQ fast path (the rows fit the descriptor's blocks): the rows go in Data messag
 claims the room and whose last carries the Done seal, then one Ack. Otherwise the handshake first:
 Begin -> Ready (right receiver, room open), the rows that fit, Partial -> Resume while more are
 needed, the aux record, Done -> Ack. Mooncake always waits for Ready before writing (its writes
-bypass the receiver, so it must know the room is still this request's; the payload is prepared
-while the handshake travels); ZMQ pipelines its rows behind the Begin. It returns a `SendResult` or
-raises `TransferFailed` (after telling the receiver to abort). `abandon` tells a receiver that a
-descriptor will never be written. Thread-safe: each room uses its own connection from the pool;
-every backend the descriptors name is started lazily.
+bypass the receiver, so it must know the room is still this request's). `claim(descriptor, rows)`
+sends that Begin ahead, as soon as the row count is known (while the vision tower runs), so the
+Ready is already there when `send` starts. `send` returns a `SendResult` or raises `TransferFailed`
+(after telling the receiver to abort); `abandon` tells a receiver that a descriptor will never be
+written. Thread-safe: each room uses its own connection from the pool; every backend the
+descriptors name is started lazily.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 import zmq
 
 from transfer import messages as m
@@ -42,6 +43,16 @@ class SendResult:
     bytes: int
     resumes: int
     seconds: float
+    started_at: float = 0.0  # time.monotonic() when `send` began (the host's clock, for benchmarks)
+
+
+@dataclass
+class _Claim:
+    """A Begin sent ahead of the rows (`TransferSender.claim`): its connection and what it announced."""
+
+    conn: _Conn
+    total_rows: int
+    deadline: float
 
 
 class _Conn:
@@ -106,6 +117,7 @@ class TransferSender:
         self._ctx = zmq.Context.instance()
         self._backends: dict[str, SenderBackend] = {}
         self._idle: dict[str, list[_Conn]] = {}
+        self._claims: dict[str, _Claim] = {}  # room -> claim awaiting its send/abandon
         self._lock = threading.Lock()
 
     def backend(self, name: str) -> SenderBackend:
@@ -114,22 +126,49 @@ class TransferSender:
                 self._backends[name] = sender_backend(name, self.settings)
             return self._backends[name]
 
+    def claim(
+        self, descriptor: m.RoomDescriptor | dict, total_rows: int, deadline_s: float | None = None
+    ) -> bool:
+        """Claim the room for `total_rows` now, before the rows exist, so the handshake travels while
+        they are computed (out-of-band backends only: ZMQ claims with its first data). The next
+        `send` or `abandon` of this room uses the claim. Best effort: False if nothing was sent
+        (then `send` does the handshake itself and reports any error)."""
+        try:
+            desc = self._descriptor(descriptor)
+            if not self.backend(desc.backend).writes_out_of_band or total_rows <= 0:
+                return False
+            conn = self._get(desc.control)
+            conn.send(m.Begin(room=desc.room, receiver_id=desc.receiver_id, total_rows=total_rows))
+        except (m.BadMessage, TransferError, TransferFailed, zmq.ZMQError) as e:
+            log.debug("could not claim a room ahead: %s", e)
+            return False
+        ttl = desc.ttl_s if deadline_s is None else min(desc.ttl_s, deadline_s)
+        with self._lock:
+            stale = [r for r, c in self._claims.items() if c.deadline < time.monotonic()]
+            expired = [self._claims.pop(r) for r in stale]  # never sent nor abandoned: a caller's bug
+            self._claims[desc.room] = _Claim(conn, total_rows, time.monotonic() + ttl)
+        for c in expired:
+            c.conn.close()
+        return True
+
     def send(
         self, descriptor: m.RoomDescriptor | dict, payload: MultimodalPayload, deadline_s: float | None = None
     ) -> SendResult:
         t0 = time.monotonic()
-        desc = (
-            descriptor if isinstance(descriptor, m.RoomDescriptor) else m.descriptor_from_builtins(descriptor)
-        )
+        desc = self._descriptor(descriptor)
         ttl = desc.ttl_s if deadline_s is None else min(desc.ttl_s, deadline_s)
         deadline = t0 + ttl
+        with self._lock:
+            claim = self._claims.pop(desc.room, None)
         try:
             backend = self.backend(desc.backend)
         except TransferError as e:
+            if claim is not None:
+                claim.conn.close()
             raise TransferFailed(f"room {desc.room}: {e}") from None
-        conn = self._get(desc.control)
+        conn = claim.conn if claim is not None else self._get(desc.control)
         try:
-            res = self._exchange(conn, backend, desc, payload, deadline)
+            res = self._exchange(conn, backend, desc, payload, deadline, claim)
         except (TransferFailed, TransferError, zmq.ZMQError) as e:
             self._abort(conn, desc.room, str(e))
             raise TransferFailed(
@@ -139,16 +178,26 @@ class TransferSender:
             self._abort(conn, desc.room, "sender error")
             raise
         self._put(conn)
-        res.seconds = time.monotonic() - t0
+        res.seconds, res.started_at = time.monotonic() - t0, t0
         return res
 
-    def _exchange(self, conn: _Conn, backend, desc, payload: MultimodalPayload, deadline) -> SendResult:
+    @staticmethod
+    def _descriptor(descriptor: m.RoomDescriptor | dict) -> m.RoomDescriptor:
+        return (
+            descriptor if isinstance(descriptor, m.RoomDescriptor) else m.descriptor_from_builtins(descriptor)
+        )
+
+    def _exchange(
+        self, conn: _Conn, backend, desc, payload: MultimodalPayload, deadline, claim: _Claim | None
+    ) -> SendResult:
         room, n, v = desc.room, payload.total_rows, payload.vision_rows
         if n == 0:
             raise TransferFailed(f"room {room}: empty prompt")
+        if claim is not None and claim.total_rows != n:
+            raise TransferFailed(f"room {room}: claimed for {claim.total_rows} rows, the payload has {n}")
         oob = backend.writes_out_of_band
         fast = not oob and n <= len(desc.block_ids) * desc.block_size
-        if not fast:
+        if not fast and claim is None:
             conn.send(m.Begin(room=room, receiver_id=desc.receiver_id, total_rows=n))
         try:  # while the handshake travels
             rows = payload.prepare(desc.hidden, desc.num_deepstack, desc.dtype)
@@ -164,19 +213,23 @@ class TransferSender:
             num_images=payload.num_images,
             checksum=crc,
         )
+        src = self._sources(desc, rows, n, v)
         blocks, ready = desc.block_ids, None
         if fast:
-            writes = self._writes(desc, blocks, rows, 0, n, v) + [self._seal(desc, blocks, aux)]
+            writes = self._writes(desc, blocks, src, 0, n, v) + [self._seal(desc, blocks, aux)]
             backend.write(conn, desc, room, writes, claim=n, done=done)
             conn.expect(room, m.Ack, deadline)
             return SendResult(rows=n, bytes=sum(w.src.nbytes for w in writes), resumes=0, seconds=0.0)
         if oob:  # never write memory before the receiver confirmed the room
             ready = conn.expect(room, m.Ready, deadline)
             blocks = ready.block_ids
+            reason = conn.aborted(room)  # a claimed room may have been aborted since its Ready came
+            if reason is not None:
+                raise TransferFailed(f"room {room} aborted by the receiver: {reason}")
         sent, resumes, nbytes = 0, 0, 0
         while True:
             upto = min(n, len(blocks) * desc.block_size)
-            writes = self._writes(desc, blocks, rows, sent, upto, v)
+            writes = self._writes(desc, blocks, src, sent, upto, v)
             if upto == n:  # the seal goes last, with the final rows
                 writes.append(self._seal(desc, blocks, aux))
             backend.write(conn, desc, room, writes)
@@ -204,38 +257,56 @@ class TransferSender:
         return SendResult(rows=n, bytes=nbytes, resumes=resumes, seconds=0.0)
 
     @staticmethod
-    def _seal(desc, blocks: list[int], aux: torch.Tensor) -> Write:
-        return Write("aux", blocks[0] * desc.buffers["aux"].row_bytes, aux.view(torch.uint8).numpy())
+    def _sources(desc, rows: dict[str, np.ndarray], n: int, v: int) -> dict[str, np.ndarray]:
+        """The prepared rows checked against the receiver's row sizes; buffers the receiver does not
+        have (row bytes 0: no deepstack layers) are left out."""
+        out = {}
+        for name, flat in rows.items():
+            rb = desc.buffers[name].row_bytes
+            if rb == 0:
+                continue
+            count = n if name in ("fill_ids", "mrope") else v
+            if flat.size != count * rb:
+                raise TransferFailed(
+                    f"{name} rows are {flat.size // max(1, count)} bytes, the receiver's are {rb}"
+                )
+            out[name] = flat
+        return out
 
     @staticmethod
-    def _writes(desc, blocks, rows, start: int, stop: int, vision_rows: int) -> list[Write]:
+    def _seal(desc, blocks: list[int], aux: np.ndarray) -> Write:
+        return Write("aux", blocks[0] * desc.buffers["aux"].row_bytes, aux.view(np.uint8))
+
+    @staticmethod
+    def _writes(
+        desc, blocks, src: dict[str, np.ndarray], start: int, stop: int, vision_rows: int
+    ) -> list[Write]:
         out = []
-        for name, t in rows.items():
+        for name, flat in src.items():
             limit = stop if name in ("fill_ids", "mrope") else min(stop, vision_rows)
-            rb = desc.buffers[name].row_bytes
-            if limit <= start or rb == 0:
+            if limit <= start:
                 continue
-            src = t.view(-1).view(torch.uint8).numpy()  # rows are contiguous: row r is src[r*rb:(r+1)*rb]
-            if src.size != t.shape[0] * rb:
-                raise TransferFailed(
-                    f"{name} rows are {src.size // max(1, t.shape[0])} bytes, the receiver's are {rb}"
-                )
+            rb = desc.buffers[name].row_bytes
             for r in runs(blocks, desc.block_size, start, limit):
-                out.append(Write(name, r.dst_row * rb, src[r.src_row * rb : (r.src_row + r.n) * rb]))
+                out.append(Write(name, r.dst_row * rb, flat[r.src_row * rb : (r.src_row + r.n) * rb]))
         return out
 
     def abandon(self, descriptor: m.RoomDescriptor | dict, reason: str) -> None:
         """Tell the receiver that this descriptor will never be written (e.g. the encode failed), so
         it can fail the room and free its blocks at once. Best effort; never raises."""
         try:
-            desc = (
-                descriptor
-                if isinstance(descriptor, m.RoomDescriptor)
-                else m.descriptor_from_builtins(descriptor)
-            )
+            desc = self._descriptor(descriptor)
+        except m.BadMessage as e:
+            log.debug("could not abandon a room: %s", e)
+            return
+        with self._lock:
+            claim = self._claims.pop(desc.room, None)
+        if claim is not None:  # the claimed room's receiver takes an Abort only from the claimant
+            return self._abort(claim.conn, desc.room, reason)
+        try:
             conn = self._get(desc.control)
             conn.sock.send(m.encode(m.Abort(room=desc.room, reason=reason[:500])), zmq.NOBLOCK)
-        except (m.BadMessage, zmq.ZMQError) as e:
+        except zmq.ZMQError as e:
             log.debug("could not abandon a room: %s", e)
             return
         self._put(conn)
@@ -265,7 +336,9 @@ class TransferSender:
     def close(self) -> None:
         with self._lock:
             conns = [c for idle in self._idle.values() for c in idle]
+            conns += [c.conn for c in self._claims.values()]
             self._idle.clear()
+            self._claims.clear()
             backends = list(self._backends.values())
         for c in conns:
             c.close()

@@ -1,11 +1,13 @@
 """`deepsplit bench transfer`: our push path per backend against raw Mooncake, raw ZMQ and memcpy.
 
 For each payload size (64 KiB .. 256 MiB) in one run: our `TransferSender` -> `TransferReceiver` in
-another process (the whole room exchange: handshake if any, writes, Done/Ack), Mooncake's bare
-`transfer_sync_write` of the same bytes between two processes, bare ZMQ PUSH/PULL of the same bytes
-with a one-byte ack back, and a local memcpy. All contenders stay up for the whole run and take
-turns, one repetition each, so the shared machine's slow phases hit them alike. Prints GiB/s and
-ratios; `--json FILE` keeps all.
+another process, Mooncake's bare `transfer_sync_write` of the same bytes between two processes, bare
+ZMQ PUSH/PULL of the same bytes with a one-byte ack back, and a local memcpy. Ours is timed two ways:
+the sender's whole `send` (handshake if any, writes, Done/Ack) and "rows ready" (send began -> the
+receiver verified the rows: what a request waits for); Mooncake also as an encoder runs it, the room
+claimed while the vision tower computes (`claimed`: the handshake off the critical path). All
+contenders stay up for the whole run and take turns, one repetition each, so the shared machine's
+slow phases hit them alike. Prints GiB/s and ratios; `--json FILE` keeps all.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="mooncake,zmq")
     parser.add_argument("--seconds", type=float, default=0.6, help="time budget per size and contender")
     parser.add_argument("--max-reps", type=int, default=50)
+    parser.add_argument(
+        "--claim-ahead-ms",
+        type=float,
+        default=2.0,
+        help="'claimed' contender: the room is claimed this long before send (a vision forward's stand-in)",
+    )
     parser.add_argument("--json", dest="json_out", help="write every figure to this file")
 
 
@@ -115,10 +123,11 @@ class RawZmq:
 
 
 class Ours:
-    """Our `TransferSender` in another process pushing a room into our `TransferReceiver` here; the
-    time is the sender's whole `send` (handshake if any, writes, Done/Ack)."""
+    """Our `TransferSender` in another process pushing a room into our `TransferReceiver` here.
+    `once` gives the sender's `send` time and, under `<name>, rows ready`, the time from the start of
+    `send` to the receiver's verified rows (both processes read the same monotonic clock)."""
 
-    def __init__(self, backend: str, sizes: list[int]) -> None:
+    def __init__(self, backend: str, sizes: list[int], claim_ahead_s: float | None = None) -> None:
         from transfer import BufferSpec, ReceiverSettings, TransferReceiver
 
         rows_max = max(peers.rows_for(s) for s in sizes)
@@ -127,16 +136,18 @@ class Ours:
         )
         self.rx = TransferReceiver(spec, ReceiverSettings(backend=backend))
         self.proc, self.conn = _spawn(peers.ours_sender)
+        self.claim_ahead_s = claim_ahead_s
 
-    def once(self, nbytes: int) -> float:
+    def once(self, nbytes: int) -> dict[str, float]:
         from transfer import descriptor_to_builtins
 
         rows = peers.rows_for(nbytes)
         d = self.rx.open_room(rows)
-        self.conn.send((descriptor_to_builtins(d), rows))
-        dt = self.conn.recv()
-        self.rx.wait_room(d.room, 60).release()
-        return dt
+        self.conn.send((descriptor_to_builtins(d), rows, self.claim_ahead_s))
+        dt, started = self.conn.recv()
+        got = self.rx.wait_room(d.room, 60)
+        got.release()
+        return {"": dt, ", rows ready": got.ready_at - started}
 
     def close(self) -> None:
         self.conn.send(None)
@@ -145,23 +156,37 @@ class Ours:
 
 
 def measure(contenders: dict, sizes: list[int], args) -> dict[str, dict[int, float]]:
-    """Median seconds per contender and size. Repetitions are interleaved (one of each contender in
-    turn), so a slow phase of this shared machine hits every contender alike."""
-    out: dict[str, dict[int, float]] = {name: {} for name in contenders}
+    """Median seconds per series and size. Repetitions are interleaved (one of each contender in
+    turn), so a slow phase of this shared machine hits every contender alike. A contender whose
+    `once` returns a dict adds a series per key (`name + key`)."""
+    out: dict[str, dict[int, float]] = {}
     for s in sizes:
-        times: dict[str, list[float]] = {name: [] for name in contenders}
+        times: dict[str, list[float]] = {}
         for i in range(_reps(s, args) + 1):
             for name, c in contenders.items():
                 t = c.once(s)
-                if i:  # the first round is warm-up
-                    times[name].append(t)
+                for key, v in (t if isinstance(t, dict) else {"": t}).items():
+                    if i:  # the first round is warm-up
+                        times.setdefault(name + key, []).append(v)
         for name, ts in times.items():
-            out[name][s] = statistics.median(ts)
+            out.setdefault(name, {})[s] = statistics.median(ts)
     return out
 
 
 def _gibs(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 2**30
+
+
+def _ratios(row: dict, backends: list[str]) -> dict[str, float]:
+    """ours/raw GiB/s for every series of ours (sender view, rows ready, claimed)."""
+    out = {}
+    for b in backends:
+        for name in row:
+            if name.startswith(f"ours {b}"):
+                out[f"ratio {name[5:]}"] = row[name]["gib_s"] / row[f"raw {b}"]["gib_s"]
+        if b == "zmq":
+            out["ratio zmq vs raw+copy"] = row["ours zmq"]["gib_s"] / row["raw zmq+copy"]["gib_s"]
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -174,6 +199,9 @@ def run(args: argparse.Namespace) -> int:
         if "mooncake" in backends:
             contenders["raw mooncake"] = RawMooncake(max(sizes))
             contenders["ours mooncake"] = Ours("mooncake", sizes)
+            contenders["ours mooncake claimed"] = Ours(
+                "mooncake", sizes, claim_ahead_s=args.claim_ahead_ms / 1e3
+            )
         if "zmq" in backends:
             contenders["raw zmq"] = RawZmq(max(sizes))
             contenders["raw zmq+copy"] = RawZmq(max(sizes), copy_into=True)
@@ -190,33 +218,38 @@ def run(args: argparse.Namespace) -> int:
         row = {"bytes": s, "ours_bytes": moved[s]}
         for name, t in secs.items():
             row[name] = {"seconds": t[s], "gib_s": _gibs(moved[s] if name.startswith("ours") else s, t[s])}
-        for b in backends:
-            row[f"ratio {b}"] = row[f"ours {b}"]["gib_s"] / row[f"raw {b}"]["gib_s"]
-        if "zmq" in backends:
-            row["ratio zmq vs raw+copy"] = row["ours zmq"]["gib_s"] / row["raw zmq+copy"]["gib_s"]
+        row.update(_ratios(row, backends))
         rows.append(row)
     names = list(secs)
-    print(
-        f"{'size':>8} "
-        + " ".join(f"{n:>14}" for n in names)
-        + " "
-        + " ".join(f"{'ours/raw ' + b:>18}" for b in backends)
-    )
-    for r in rows:
-        size = f"{r['bytes'] / 2**20:.2f}M" if r["bytes"] >= 2**20 else f"{r['bytes'] // 1024}K"
-        cells = " ".join(f"{r[n]['gib_s']:>9.2f} GiB/s" for n in names)
-        ratios = " ".join(f"{r[f'ratio {b}']:>18.2f}" for b in backends)
-        print(f"{size:>8} {cells} {ratios}")
+    print("GiB/s (medians); ours = the sender's send; 'rows ready' = send began -> receiver verified")
+    for n in names:
+        print(f"{n:>30} " + " ".join(f"{r[n]['gib_s']:>7.2f}" for r in rows))
+    print(f"{'payload':>30} " + " ".join(f"{_label(r['bytes']):>7}" for r in rows))
+    ratios = [k for k in rows[0] if k.startswith("ratio ")]
+    for k in ratios:
+        print(f"{k:>30} " + " ".join(f"{r[k]:>7.2f}" for r in rows))
     if rtt is not None:
         print(f"a 1-byte ZMQ round trip between the two processes: {rtt * 1e6:.0f} us (median)")
     big = [r for r in rows if r["bytes"] >= 2**20]
-    for b in backends:
+    for k in ratios:
         if big:
-            worst = min(r[f"ratio {b}"] for r in big)
-            print(f"{b}: worst ours/raw for payloads >= 1 MiB: {worst:.2f} (goal >= 0.80)")
+            print(
+                f"{k[6:]}: worst ours/raw for payloads >= 1 MiB: {min(r[k] for r in big):.2f} (goal >= 0.80)"
+            )
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(
-                {"payload_row_bytes": peers.ROW_BYTES, "zmq_round_trip_s": rtt, "rows": rows}, f, indent=1
+                {
+                    "payload_row_bytes": peers.ROW_BYTES,
+                    "zmq_round_trip_s": rtt,
+                    "claim_ahead_s": args.claim_ahead_ms / 1e3,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
             )
     return 0
+
+
+def _label(nbytes: int) -> str:
+    return f"{nbytes // 2**20}M" if nbytes >= 2**20 else f"{nbytes // 1024}K"

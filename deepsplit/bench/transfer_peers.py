@@ -1,12 +1,16 @@
 """The other process of each transfer-benchmark pair (spawned; commands and timings over a pipe).
 
 `ours_sender`: a real `TransferSender` that pushes a payload of the asked size into the room it is
-given and reports how long `send` took (handshake, writes, Done/Ack included). `raw_mooncake_target`
+given and reports how long `send` took (handshake, writes, Done/Ack included) and when it began;
+with `claim_ahead_s` it first claims the room and waits that long, as an encoder claims a room
+while its vision tower runs. `raw_mooncake_target`
 registers a plain buffer for Mooncake writes; `raw_zmq_sink` PULLs frames (optionally copying each
 into a preallocated buffer) and acks each message.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -36,12 +40,15 @@ def ours_sender(conn) -> None:
     sender = TransferSender()
     cache: dict[int, object] = {}
     while (cmd := conn.recv()) is not None:
-        desc, rows = cmd
+        desc, rows, claim_ahead_s = cmd
         if rows not in cache:
             cache.clear()
             cache[rows] = payload(rows)
+        if claim_ahead_s is not None:
+            sender.claim(desc, rows)
+            time.sleep(claim_ahead_s)
         r = sender.send(desc, cache[rows])
-        conn.send(r.seconds)
+        conn.send((r.seconds, r.started_at))
     sender.close()
 
 

@@ -1,14 +1,18 @@
 """A sender in its own process for the transfer tests: payloads from seeds, commands over a pipe.
 
 `SenderProcess` spawns `serve`, which runs a real `TransferSender`; `send(desc, seed, ...)` returns
-the `SendResult` fields or the failure text. Each command runs in its own thread, so many rooms can
-be in flight at once. `make_payload` builds the same payload on both sides from a seed.
+the `SendResult` fields or the failure text; with `claim_s` the room is first claimed (as an encoder
+does once it knows the row count) and the rows follow that much later, or never (`abandon=True`).
+Each command runs in its own thread, so many rooms can be in flight at once. Mooncake writes are cut
+into small pieces, so the tiny test payloads take the parallel-pieces path. `make_payload` builds
+the same payload on both sides from a seed.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import threading
+import time
 import uuid
 
 import torch
@@ -30,12 +34,21 @@ def make_payload(seed: int, n: int, v: int, hidden: int, nds: int, dtype: str) -
 
 
 def serve(conn) -> None:
-    sender = TransferSender(SenderSettings())
+    sender = TransferSender(SenderSettings(mooncake_min_piece_bytes=4096))
     lock = threading.Lock()
     conn.send(("ready", None))
 
-    def run(tag, desc, seed, shape, deadline_s):
+    def run(tag, desc, seed, shape, deadline_s, claim_s, abandon):
         try:
+            if claim_s is not None:
+                claimed = sender.claim(desc, shape[0], deadline_s)
+                time.sleep(claim_s)
+                if abandon:
+                    sender.abandon(desc, "encoder: gave up")
+                    out = ("abandoned", claimed)
+                    with lock:
+                        conn.send((tag, out))
+                    return
             r = sender.send(desc, make_payload(seed, *shape), deadline_s=deadline_s)
             out = ("ok", {"rows": r.rows, "bytes": r.bytes, "resumes": r.resumes, "seconds": r.seconds})
         except TransferFailed as e:
@@ -61,9 +74,17 @@ class SenderProcess:
         if not self.conn.poll(120) or self.conn.recv()[0] != "ready":  # imports done: rooms may open
             raise RuntimeError("the sender process did not start")
 
-    def submit(self, desc: dict, seed: int, shape: tuple, deadline_s: float | None = None) -> str:
+    def submit(
+        self,
+        desc: dict,
+        seed: int,
+        shape: tuple,
+        deadline_s: float | None = None,
+        claim_s: float | None = None,
+        abandon: bool = False,
+    ) -> str:
         tag = uuid.uuid4().hex
-        self.conn.send((tag, desc, seed, shape, deadline_s))
+        self.conn.send((tag, desc, seed, shape, deadline_s, claim_s, abandon))
         return tag
 
     def result(self, tag: str, timeout: float = 60.0) -> tuple[str, object]:

@@ -83,3 +83,21 @@ def test_aux_record_pack_unpack():
     rec = AuxRecord(room_tag=-5, total_rows=10, vision_rows=4, mrope_delta=-3, num_images=1, checksum=77)
     assert AuxRecord.unpack(rec.pack()) == rec
     assert AuxRecord.unpack(torch.zeros(16, dtype=torch.int32)) is None
+
+
+def test_mooncake_split_cuts_large_ranges_into_similar_pieces():
+    from transfer.backends.mooncake_backend import split
+
+    writes = [(1000, 5000, 64), (10_000, 90_000, 3 << 20), (20_000_000, 7_000_000, 1 << 20), (9, 99, 16)]
+    srcs, dsts, lens = split(writes, pieces=4, min_piece=256 << 10)
+    total = sum(n for *_, n in writes)
+    assert sum(lens) == total and len(srcs) == len(dsts) == len(lens)
+    covered = sorted(zip(srcs, dsts, lens, strict=True))
+    for s, d, n in writes:  # every range is covered exactly, in order, offsets kept
+        mine = [(a, b, k) for a, b, k in covered if s <= a < s + n]
+        assert sum(k for *_, k in mine) == n
+        assert all(b - d == a - s for a, b, _ in mine)
+    big = [k for k in lens if k > 64 and k != 16]
+    assert len(big) == 4 and max(big) <= total // 4 + 1 and min(big) >= 256 << 10, lens
+    # small batches stay whole: nothing is cut below min_piece
+    assert split([(0, 0, 300 << 10)], pieces=4, min_piece=256 << 10)[2] == [300 << 10]

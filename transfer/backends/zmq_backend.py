@@ -16,7 +16,7 @@ from transfer import messages as m
 from transfer.backends.base import ReceiverBackend, SenderBackend, Write
 
 ZERO_COPY_MIN = 64 * 1024  # below this a copy is cheaper than zmq's zero-copy bookkeeping
-FRAME_BYTES = 8 * 2**20  # small writes share a message; large ones span several, so receive and copy overlap
+FRAME_BYTES = 2**20  # small writes share a message; large ones span several, so receive and copy overlap
 
 
 class ZmqSender(SenderBackend):
