@@ -31,13 +31,13 @@ std::tuple<at::Tensor, at::Tensor> row_max(const at::Tensor& y) {
       int64_t at = 0, c = 0;
       if (C >= kLanes) {
         vf mv = load(row);
-        vi iv = vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, cur = iv;
+        vi iv = iota(), cur = iv;
         for (c = kLanes; c + kLanes <= C; c += kLanes) {
           cur += kLanes;
           const vf x = load(row + c);
           const vi gt = x > mv;  // -1 where the lane improves
-          mv = gt ? x : mv;
           iv = gt ? cur : iv;
+          mv = vmax(x, mv);
         }
         m = hmax(mv);
         at = C;

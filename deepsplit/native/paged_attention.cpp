@@ -1,5 +1,6 @@
 // Decode attention straight from the paged KV cache: one query token per sequence, keys and values
-// read once where they lie in the cache blocks (no gathered copy), exact softmax in fp32.
+// read once where they lie in the cache blocks (no gathered copy), exact softmax in fp32. The loops
+// are laid out per register file: AVX-512 (16 lanes, 32 registers) or AVX2 (8 lanes, 16).
 // Registered as torch.ops.deepsplit.paged_decode_attention; built and loaded by deepsplit/native.
 #include "vec.h"
 
@@ -16,26 +17,31 @@ namespace {
 
 using namespace deepsplit;
 
-// 16 vectors -> one vector of their 16 sums (lane t = sum of v[t]), by pairwise shuffles and adds.
-inline vf transpose_sum(vf* v) {
-  for (int i = 0; i < 8; ++i)  // lanes 0-7: token 2i, 8-15: token 2i+1
-    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22,
-                                   23) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29,
-                                   30, 31);
-  for (int i = 0; i < 4; ++i)  // 4 lanes per token
-    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26,
-                                   27) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30,
-                                   31);
-  for (int i = 0; i < 2; ++i)  // 2 lanes per token
-    v[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28,
-                                   29) +
-           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30,
-                                   31);
-  return __builtin_shufflevector(v[0], v[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(v[0], v[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+// scratch floats of one task: scores of nq query heads x L keys (rows rounded up to kLanes)
+int64_t scratch_floats(int64_t nq, int64_t L) { return nq * ((L + kLanes - 1) / kLanes * kLanes); }
+
+// scores s [nq, Lp] (the first L of each row set) -> softmax numerators exp(s - max) in place, zero
+// past L; inv[qh] = 1 / their sum
+inline void softmax_numerators(float* s, int64_t Lp, int64_t L, int64_t nq, float* inv) {
+  for (int64_t qh = 0; qh < nq; ++qh) {
+    float* sr = s + qh * Lp;
+    for (int64_t j = L; j < Lp; ++j) sr[j] = -1e30f;
+    vf m = load(sr);
+    for (int64_t j = kLanes; j < Lp; j += kLanes) {
+      m = vmax(load(sr + j), m);
+    }
+    const vf mx = splat(hmax(m));
+    vf sum = vf{};
+    for (int64_t j = 0; j < Lp; j += kLanes) {
+      const vf e = vexp(load(sr + j) - mx);
+      sum += e;
+      store(sr + j, e);
+    }
+    inv[qh] = 1.0f / hsum(sum);
+  }
 }
+
+#if DEEPSPLIT_LANES == 16  // AVX-512
 
 // o[qh] += sum_j p[qh, j] v_j for the QH query heads qh0.. (accumulators in registers), v_j of
 // query head qh at vc + rows[j] + voff[qh]; p rows Lp apart.
@@ -87,25 +93,8 @@ void attend(const float* q, int64_t nhk, int64_t rep, const float* kc, const flo
       store(s + qh * Lp + j0, transpose_sum(prod));
     }
   }
-  // softmax numerators (exp(s - max)), zero past L, and 1 / their sum per query head
   float inv[256];
-  for (int64_t qh = 0; qh < nq; ++qh) {
-    float* sr = s + qh * Lp;
-    for (int64_t j = L; j < Lp; ++j) sr[j] = -1e30f;
-    vf m = load(sr);
-    for (int64_t j = kLanes; j < Lp; j += kLanes) {
-      const vf x = load(sr + j);
-      m = x > m ? x : m;
-    }
-    const vf mx = splat(hmax(m));
-    vf sum = vf{};
-    for (int64_t j = 0; j < Lp; j += kLanes) {
-      const vf e = vexp(load(sr + j) - mx);
-      sum += e;
-      store(sr + j, e);
-    }
-    inv[qh] = 1.0f / hsum(sum);
-  }
+  softmax_numerators(s, Lp, L, nq, inv);
   // o_qh = sum_j p_qh,j v_j / sum_j p_qh,j
   int64_t qh = 0;
   for (; qh + QH <= nq; qh += QH) weigh_values<NV, QH>(s, Lp, vc, rows, L, off, qh, o);
@@ -113,6 +102,94 @@ void attend(const float* q, int64_t nhk, int64_t rep, const float* kc, const flo
   for (qh = 0; qh < nq; ++qh)
     for (int c = 0; c < NV; ++c) store(o + qh * D + c * kLanes, load(o + qh * D + c * kLanes) * inv[qh]);
 }
+
+#else  // AVX2: 8 lanes, 16 registers
+
+// The loops above hold 16 vectors in registers (16 tokens' dot products, 16 value accumulators):
+// all of AVX2's. Here a key tile is kLanes tokens scored column by column (kLanes independent sums
+// per query head); values are weighed one 16-token tile at a time, every query head's pass over a
+// tile while its rows are in L1, a pass's kAccumulators vectors reloaded from o between tiles. Rows
+// are prefetched kAhead tokens ahead, spread over the passes (a burst of whole rows per tile
+// stalled the core: keys read ~25% slower).
+constexpr int64_t kAhead = 16;
+constexpr int kAccumulators = 8;
+constexpr int64_t kValueTile = 16;
+
+// scores s[t] = q . k_t of the kLanes tokens whose keys (for q's KV head) are at k[t]
+template <int NV>
+inline void score_tile(const float* q, const float* const* k, float* s) {
+  vf prod[kLanes] = {};
+  for (int c = 0; c < NV; ++c) {
+    const vf qc = load(q + c * kLanes);
+    for (int t = 0; t < kLanes; ++t) prod[t] += qc * load(k[t] + c * kLanes);
+  }
+  store(s, transpose_sum(prod));
+}
+
+// o[qh] (+)= sum_{j0 <= j < j1} p[qh, j] v_j for the QH query heads qh0.., columns
+// [c0, c0 + NC) * kLanes of their head (accumulators in registers; o read first unless j0 == 0),
+// v_j of query head qh at vc + rows[j] + voff[qh]; p rows Lp apart.
+template <int NV, int NC, int QH>
+void weigh_values(const float* p, int64_t Lp, const float* vc, const int64_t* rows, int64_t j0, int64_t j1,
+                  int64_t L, const int64_t* voff, int64_t qh0, int c0, float* o) {
+  constexpr int D = NV * kLanes;
+  vf acc[QH][NC] = {};
+  if (j0 > 0)
+    for (int i = 0; i < QH; ++i)
+      for (int c = 0; c < NC; ++c) acc[i][c] = load(o + (qh0 + i) * D + (c0 + c) * kLanes);
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* row = vc + rows[j] + c0 * kLanes;
+    if (j + kAhead < L)
+      for (int i = 0; i < QH; ++i) prefetch(vc + rows[j + kAhead] + voff[qh0 + i] + c0 * kLanes, NC * kLanes);
+    for (int i = 0; i < QH; ++i) {
+      const vf pj = splat(p[(qh0 + i) * Lp + j]);
+      const float* v = row + voff[qh0 + i];
+      for (int c = 0; c < NC; ++c) acc[i][c] += pj * load(v + c * kLanes);
+    }
+  }
+  for (int i = 0; i < QH; ++i)
+    for (int c = 0; c < NC; ++c) store(o + (qh0 + i) * D + (c0 + c) * kLanes, acc[i][c]);
+}
+
+// One sequence, KV heads [h0, h0 + nhk): query heads q [nq = nhk * rep, D = NV * kLanes] (pre-scaled,
+// head h's rep queries together) attend to the L keys whose rows start at kc + rows[j] (values at
+// vc + rows[j]; a row holds every KV head); writes o [nq, D]. Tiles are read in token order.
+// s: scratch_floats(nq, L).
+template <int NV>
+void attend(const float* q, int64_t nhk, int64_t rep, const float* kc, const float* vc, const int64_t* rows,
+            int64_t L, float* s, float* o) {
+  constexpr int D = NV * kLanes;
+  constexpr int NC = std::min(NV, kAccumulators), QH = kAccumulators / NC;  // per pass over the values
+  const int64_t nq = nhk * rep, Lp = (L + kLanes - 1) / kLanes * kLanes;
+  int64_t off[256];  // query head -> its KV head's offset in a row
+  for (int64_t qh = 0; qh < nq; ++qh) off[qh] = qh / rep * D;
+  // scores s[qh * Lp + j] = q_qh . k_j, kLanes tokens at a time (past L: token L - 1 again)
+  for (int64_t j0 = 0; j0 < L; j0 += kLanes) {
+    const int64_t ahead = j0 + kAhead, ahead_end = std::min(L, ahead + kLanes);
+    for (int64_t qh = 0; qh < nq; ++qh) {
+      for (int64_t j = ahead + qh * kLanes / nq; j < std::min(ahead_end, ahead + (qh + 1) * kLanes / nq); ++j)
+        prefetch(kc + rows[j], nhk * D);
+      const float* k[kLanes];
+      for (int t = 0; t < kLanes; ++t) k[t] = kc + rows[std::min(j0 + t, L - 1)] + off[qh];
+      score_tile<NV>(q + qh * D, k, s + qh * Lp + j0);
+    }
+  }
+  float inv[256];
+  softmax_numerators(s, Lp, L, nq, inv);
+  // o_qh = sum_j p_qh,j v_j / sum_j p_qh,j
+  for (int64_t j0 = 0; j0 < L; j0 += kValueTile) {
+    const int64_t j1 = std::min(L, j0 + kValueTile);
+    for (int c0 = 0; c0 < NV; c0 += NC) {
+      int64_t qh = 0;
+      for (; qh + QH <= nq; qh += QH) weigh_values<NV, NC, QH>(s, Lp, vc, rows, j0, j1, L, off, qh, c0, o);
+      for (; qh < nq; ++qh) weigh_values<NV, NC, 1>(s, Lp, vc, rows, j0, j1, L, off, qh, c0, o);
+    }
+  }
+  for (int64_t qh = 0; qh < nq; ++qh)
+    for (int c = 0; c < NV; ++c) store(o + qh * D + c * kLanes, load(o + qh * D + c * kLanes) * inv[qh]);
+}
+
+#endif
 
 // q [T, nh, d]; k_cache, v_cache [blocks, bs, nkv, d]; block_tables [S, W] long; for the n decode
 // sequences: seqs [n] (their block-table row), rows [n] (their query row of q/out), lens [n] (keys,
@@ -130,7 +207,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
                   rows.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
               "paged_decode_attention: index tensors must be int64");
   const int64_t nh = q.size(1), d = q.size(2), bs = k_cache.size(1), nkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == d && nh % nkv == 0 && nh <= 256 && d % kLanes == 0 && d <= 256 &&
+  TORCH_CHECK(k_cache.size(3) == d && nh % nkv == 0 && nh <= 256 && d >= 16 && d <= 256 &&
                   (d & (d - 1)) == 0 && out.numel() == q.numel(),
               "paged_decode_attention: shapes (head_dim 16, 32, 64, 128 or 256)");
   const int64_t rep = nh / nkv, width = block_tables.size(1), n = seqs.numel();
@@ -164,7 +241,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       const int64_t i = t / groups, h0 = (t % groups) * nhk, L = lp[i], row = rp[i];
       const int64_t off = (row * nh + h0 * rep) * d;
       for (int64_t c = 0; c < nhk * rep * d; ++c) qs[c] = qp[off + c] * sc;
-      s.resize(nhk * rep * ((L + kLanes - 1) / kLanes * kLanes));
+      s.resize(scratch_floats(nhk * rep, L));
       rows.resize(L);  // cache row of each key, in floats (block by block: no divisions)
       const int64_t* table = bt + sp[i] * width;
       for (int64_t j = 0, b = 0; j < L; ++b)
@@ -173,12 +250,12 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       auto run = [&](auto nv) {
         attend<decltype(nv)::value>(qs.data(), nhk, rep, kc, vc, rows.data(), L, s.data(), op + off);
       };
-      switch (d / kLanes) {
-        case 1: run(std::integral_constant<int, 1>{}); break;
-        case 2: run(std::integral_constant<int, 2>{}); break;
-        case 4: run(std::integral_constant<int, 4>{}); break;
-        case 8: run(std::integral_constant<int, 8>{}); break;
-        default: run(std::integral_constant<int, 16>{});
+      switch (d) {  // NV = d / kLanes
+        case 16: run(std::integral_constant<int, 16 / kLanes>{}); break;
+        case 32: run(std::integral_constant<int, 32 / kLanes>{}); break;
+        case 64: run(std::integral_constant<int, 64 / kLanes>{}); break;
+        case 128: run(std::integral_constant<int, 128 / kLanes>{}); break;
+        default: run(std::integral_constant<int, 256 / kLanes>{});
       }
     }
   });
