@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=0.6, help="time budget per size and contender")
     parser.add_argument("--max-reps", type=int, default=50)
     parser.add_argument(
+        "--gap-ms", type=float, default=5.0, help="idle time before each contender's repetition"
+    )
+    parser.add_argument(
         "--claim-ahead-ms",
         type=float,
         default=2.0,
@@ -157,13 +160,15 @@ class Ours:
 
 def measure(contenders: dict, sizes: list[int], args) -> dict[str, dict[int, float]]:
     """Median seconds per series and size. Repetitions are interleaved (one of each contender in
-    turn), so a slow phase of this shared machine hits every contender alike. A contender whose
+    turn, each after the same idle gap), so a slow phase of this shared machine hits every
+    contender alike. A contender whose
     `once` returns a dict adds a series per key (`name + key`)."""
     out: dict[str, dict[int, float]] = {}
     for s in sizes:
         times: dict[str, list[float]] = {}
         for i in range(_reps(s, args) + 1):
             for name, c in contenders.items():
+                time.sleep(args.gap_ms / 1e3)  # the previous contender's processes settle, untimed
                 t = c.once(s)
                 for key, v in (t if isinstance(t, dict) else {"": t}).items():
                     if i:  # the first round is warm-up
