@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     d = res["decode"]
     print(
         f"decode step at batch {rb}: {d['decode_step_s'] * 1000:.1f} ms; weight-matmul roofline "
-        f"{d['roofline_s'] * 1000:.1f} ms; ratio {d['ratio']:.2f}",
+        f"{d['roofline_s'] * 1000:.1f} ms; ratio {d['ratio']:.2f} (median round; rounds: "
+        f"{_round_ratios(d, ' ')})",
         flush=True,
     )
 
@@ -181,6 +182,11 @@ def _markdown(res: dict) -> str:
     out.append(
         f"\ndecode step at batch {d['batch']} (context {d['context']}): {d['decode_step_s'] * 1000:.1f} ms "
         f"(forward+sample {d['decode_forward_sample_s'] * 1000:.1f} ms); weight-matmul roofline "
-        f"{d['roofline_s'] * 1000:.1f} ms ({parts} ms); ratio **{d['ratio']:.2f}**"
+        f"{d['roofline_s'] * 1000:.1f} ms ({parts} ms); ratio **{d['ratio']:.2f}** (the median of "
+        f"{len(d['rounds'])} alternating rounds: {_round_ratios(d, ', ')})"
     )
     return "\n".join(out)
+
+
+def _round_ratios(decode: dict, sep: str) -> str:
+    return sep.join(f"{r['ratio']:.2f}" for r in decode["rounds"])
