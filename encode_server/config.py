@@ -26,6 +26,12 @@ class EncodeSettings(BaseModel):
     allow_http_images: bool = False
     max_concurrent_requests: int = Field(64, ge=1, description="beyond this, encode requests get 503")
     transfer_deadline_s: float = Field(30.0, gt=0)
+    claim_ahead: bool = Field(
+        False,
+        description="Mooncake: claim the room once the prompt's rows are known, so the handshake "
+        "travels during the vision forward (one round trip less per request; a room aborted during "
+        "that forward keeps its blocks until this encoder reaches its send)",
+    )
     health_progress_s: float = Field(
         30.0,
         gt=0,

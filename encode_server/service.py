@@ -1,7 +1,8 @@
 """One encode request end to end: decode images, encode (cache + batched vision), push rows, report.
 
-The room is claimed as soon as the prompt's row count is known, so the transfer handshake travels
-while the vision tower runs; every exit that will not write abandons the room (its blocks free now).
+With `claim_ahead` the room is claimed as soon as the prompt's row count is known, so the transfer
+handshake travels while the vision tower runs; every exit that will not write abandons the room
+(its blocks free now).
 
 `EncodeService.handle(req)` never raises for a bad request: it returns an `EncodeResponse` whose
 status says what happened (`bad_request` with the reason for unusable input, `error` for a failed
@@ -83,7 +84,7 @@ class EncodeService:
                 [img for img, _ in loaded],
                 [b for _, b in loaded],
                 timeout_s=req.deadline_s,
-                on_rows=lambda n: self.sender.claim(req.descriptor, n, req.deadline_s),
+                on_rows=self._claim(req),
             )
         except TimeoutError as e:  # queued behind other work: another encoder may be free
             return self._refuse(req, "overloaded", str(e))
@@ -114,6 +115,12 @@ class EncodeService:
             encode_s=t1 - t0,
             total_s=t2 - t0,
         )
+
+    def _claim(self, req: EncodeRequest):
+        """The `on_rows` hook: claim the room ahead of the rows when configured (Mooncake only)."""
+        if not self.settings.claim_ahead:
+            return None
+        return lambda n: self.sender.claim(req.descriptor, n, req.deadline_s)
 
     def _refuse(self, req: EncodeRequest, status: str, message: str) -> EncodeResponse:
         """No rows will come: free the receiver's room now (its blocks need not wait for a write)."""

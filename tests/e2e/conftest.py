@@ -91,7 +91,7 @@ class Proc:
         self.log.close()
 
 
-def encoder(model_dir, tmp, name: str) -> Proc:
+def encoder(model_dir, tmp, name: str, *flags: str) -> Proc:
     return Proc(
         "encode_server.cli",
         model_dir,
@@ -99,6 +99,7 @@ def encoder(model_dir, tmp, name: str) -> Proc:
         "0",
         "--max-image-pixels",
         str(PIXELS),
+        *flags,
         log_path=tmp / f"{name}.log",
     )
 
@@ -151,12 +152,13 @@ def disaggregated_flags(encoders: list[Proc], backend: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def cluster(tiny_model_dir, tmp_path_factory):
-    """Two encoders; a ZMQ and a Mooncake language server both using them; a monolithic one."""
+    """Two encoders (enc1 claims Mooncake rooms ahead of its rows); a ZMQ and a Mooncake language
+    server both using them; a monolithic one."""
     tmp = tmp_path_factory.mktemp("e2e-logs")
 
     def start(procs):
         procs["enc0"] = encoder(tiny_model_dir, tmp, "enc0")
-        procs["enc1"] = encoder(tiny_model_dir, tmp, "enc1")
+        procs["enc1"] = encoder(tiny_model_dir, tmp, "enc1", "--claim-ahead")
         encs = [procs["enc0"], procs["enc1"]]
         # small rooms: the ZMQ node grows them at the handshake, the Mooncake node makes encoders resume
         small = ["--mm-block-size", "8", "--mm-initial-rows", "8"]

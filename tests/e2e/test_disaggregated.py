@@ -102,6 +102,20 @@ def test_both_encoders_take_load_and_text_needs_none(cluster):
     assert chat(cluster["zmq"].url, text, n=4) == chat(cluster["mono"].url, text, n=4)
 
 
+def test_both_claim_modes_serve_mooncake_identically(cluster):
+    """enc1 claims its rooms as soon as it knows their rows, enc0 at send time: over Mooncake (rooms
+    of 8 rows, so claimed rooms resume too) both give the monolithic answers and free every block."""
+    encs = [cluster["enc0"], cluster["enc1"]]
+    before = [e.metric('deepsplit_encode_requests_total{status="ok"}') for e in encs]
+    msgs = [image_message(f"Scene {i}?", [data_url(make_image(40, 56, 300 + i))]) for i in range(8)]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda m: chat(cluster["mooncake"].url, m, n=4), msgs))
+    assert got == [chat(cluster["mono"].url, m, n=4) for m in msgs]
+    after = [e.metric('deepsplit_encode_requests_total{status="ok"}') for e in encs]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert pool_used(cluster["mooncake"]) == 0
+
+
 def _png_bytes(img) -> bytes:
     b = io.BytesIO()
     img.save(b, format="PNG")
