@@ -1,7 +1,7 @@
 // The routed experts of one MoE layer for few rows per expert (decode): every expert's weights are
 // streamed once in their checkpoint layout, rows read in place, gate/up -> SiLU * up -> down fused,
 // experts split across threads; and the router's softmax/top-k.
-// Registered as torch.ops.deepsplit.{moe_experts, moe_route}.
+// Registered as torch.ops.deepsplit.{moe_experts, moe_route, moe_route_x}.
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -135,8 +135,28 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   return out;
 }
 
-// router logits [T, E] -> (weights [T, k] float, ids [T, k] long): softmax over the E experts, the k
-// most probable (the lower id first on ties), their probabilities renormalised to sum to 1.
+// softmax over one token's E router logits l, the k most probable experts (the lower id first on
+// ties) into ids, their probabilities renormalised to sum to 1 into w; p: scratch of E floats.
+void route_row(const float* l, int64_t E, int64_t k, float* p, float* w, int64_t* ids) {
+  const float m = *std::max_element(l, l + E);
+  float sum = 0.f;
+  for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - m));
+  for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+  float top = 0.f;
+  for (int64_t j = 0; j < k; ++j) {  // k small: selection by repeated scans
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; ++e) {
+      bool taken = false;
+      for (int64_t i = 0; i < j; ++i) taken |= ids[i] == e;
+      if (!taken && (best < 0 || p[e] > p[best])) best = e;
+    }
+    ids[j] = best, w[j] = p[best];
+    top += p[best];
+  }
+  for (int64_t j = 0; j < k; ++j) w[j] /= top;
+}
+
+// router logits [T, E] -> (weights [T, k] float, ids [T, k] long), as route_row per token.
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, int64_t k) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 2 && logits.is_contiguous(),
               "moe_route: contiguous float32 logits [T, E]");
@@ -147,25 +167,37 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, int64_t k
   float* wp = w.data_ptr<float>();
   int64_t* ip = ids.data_ptr<int64_t>();
   std::vector<float> p(E);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* l = lp + t * E;
-    const float m = *std::max_element(l, l + E);
-    float sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(l[e] - m));
-    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
-    float top = 0.f;
-    for (int64_t j = 0; j < k; ++j) {  // k small: selection by repeated scans
-      int64_t best = -1;
+  for (int64_t t = 0; t < T; ++t) route_row(lp + t * E, E, k, p.data(), wp + t * k, ip + t * k);
+  return {w, ids};
+}
+
+// The router whole: x [T, H] and its weight gate [E, H] (nn.Linear layout) -> moe_route(x @ gate^T, k)
+// in one call (the [T, E] logits never leave the thread's cache). Each logit is a dot product of H
+// floats summed lane-wise, then across lanes.
+std::tuple<at::Tensor, at::Tensor> moe_route_x(const at::Tensor& x, const at::Tensor& gate, int64_t k) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && gate.scalar_type() == at::kFloat && x.dim() == 2 &&
+                  gate.dim() == 2 && x.is_contiguous() && gate.is_contiguous() && x.size(1) == gate.size(1) &&
+                  x.size(1) % kLanes == 0,
+              "moe_route_x: contiguous float32 x [T, H], gate [E, H], H % lanes == 0");
+  const int64_t T = x.size(0), H = x.size(1), E = gate.size(0);
+  TORCH_CHECK(k > 0 && k <= E, "moe_route_x: 0 < k <= E");
+  at::Tensor w = at::empty({T, k}, x.options()), ids = at::empty({T, k}, x.options().dtype(at::kLong));
+  const float *xp = x.data_ptr<float>(), *gp = gate.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  int64_t* ip = ids.data_ptr<int64_t>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> l(E), p(E);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xt = xp + t * H;
       for (int64_t e = 0; e < E; ++e) {
-        bool taken = false;
-        for (int64_t i = 0; i < j; ++i) taken |= ip[t * k + i] == e;
-        if (!taken && (best < 0 || p[e] > p[best])) best = e;
+        const float* ge = gp + e * H;
+        vf acc = vf{};
+        for (int64_t c = 0; c < H; c += kLanes) acc += load(xt + c) * load(ge + c);
+        l[e] = hsum(acc);
       }
-      ip[t * k + j] = best, wp[t * k + j] = p[best];
-      top += p[best];
+      route_row(l.data(), E, k, p.data(), wp + t * k, ip + t * k);
     }
-    for (int64_t j = 0; j < k; ++j) wp[t * k + j] /= top;
-  }
+  });
   return {w, ids};
 }
 
@@ -174,6 +206,8 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, int64_t k
 TORCH_LIBRARY_FRAGMENT(deepsplit, m) {
   m.def("moe_route(Tensor logits, int k) -> (Tensor, Tensor)");
   m.impl("moe_route", c10::DispatchKey::CPU, &moe_route);
+  m.def("moe_route_x(Tensor x, Tensor gate, int k) -> (Tensor, Tensor)");
+  m.impl("moe_route_x", c10::DispatchKey::CPU, &moe_route_x);
   m.def(
       "moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, bool gemm_only=False) "
       "-> Tensor");
