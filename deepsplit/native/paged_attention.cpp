@@ -1,6 +1,7 @@
 // Decode attention straight from the paged KV cache: one query token per sequence, keys and values
-// read once where they lie in the cache blocks (no gathered copy), exact softmax in fp32. The loops
-// are laid out per register file: AVX-512 (16 lanes, 32 registers) or AVX2 (8 lanes, 16).
+// read once where they lie in the cache blocks (no gathered copy), exact softmax in fp32 (on AVX2
+// for small heads an online one, see attend_rows). The loops are laid out per register file:
+// AVX-512 (16 lanes, 32 registers) or AVX2 (8 lanes, 16).
 // Registered as torch.ops.deepsplit.paged_decode_attention; built and loaded by deepsplit/native.
 #include "vec.h"
 
@@ -9,7 +10,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <memory>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -189,6 +193,104 @@ void attend(const float* q, int64_t nhk, int64_t rep, const float* kc, const flo
     for (int c = 0; c < NV; ++c) store(o + qh * D + c * kLanes, load(o + qh * D + c * kLanes) * inv[qh]);
 }
 
+// Row order, for small heads (rep <= kRowsMaxRep query heads per KV head, nh * d <= kRowsMaxFloats:
+// the small checkpoint's 8 x 64 with 4 KV heads). The loops above read a tile column by column (a
+// KV head's slice of 8-16 rows, then the next head's); on this Zen 3 host (2 cores, ~12 GB/s per
+// core) such an order streams from memory ~1.5x slower than a plain read on one core, and the
+// kernel took read + compute (7.7-8.6 ms vs 5.4-6.0 for 8 layers at the serving shape). Here a
+// sequence is read token by token: key row j, then value row j, each front to back, rows
+// kRowsAhead tokens ahead prefetched whole; that streams at the speed of a plain read (K and V
+// rows interleaved even slightly faster) with the compute hidden. The query heads are the lanes: a
+// key row gives the scores of kLanes heads at once (one transpose_sum), so the softmax is online
+// and lane-wise: a running max m per head, rescaled lazily (o and l only when a score passes m by
+// more than kRescaleAbove, so p = exp(s - m) <= e^8). The accumulators o [nq, D] stay in L1; with
+// more heads, longer rows or more heads per KV head (more work per byte) the loops above are faster.
+constexpr int64_t kRowsMaxRep = 2, kRowsMaxFloats = 512;
+constexpr int64_t kRowsAhead = 4;
+constexpr float kRescaleAbove = 8.0f;
+
+inline vf bcast(const float* p) { return _mm256_broadcast_ss(p); }
+
+// scores of query heads g*kLanes .. g*kLanes + 7 (the lanes) against the key row kr. R > 0: R = rep
+// (1 or 2) and nq a multiple of kLanes, head i reads KV head (g*kLanes + i) / R (fixed offsets, each
+// key vector loaded once for its R heads); R == 0: head i reads kr + off[i].
+template <int NV, int R>
+inline vf score_heads(const float* q, int64_t g, int64_t rep, const int64_t* off, const float* kr) {
+  constexpr int D = NV * kLanes;
+  const float* qg = q + g * kLanes * D;
+  vf prod[kLanes] = {};
+  if constexpr (R > 0) {
+    const float* kg = kr + (g * kLanes / rep) * D;
+    for (int h = 0; h < kLanes / R; ++h)
+      for (int c = 0; c < NV; ++c) {
+        const vf k = load(kg + h * D + c * kLanes);
+        for (int r = 0; r < R; ++r) prod[h * R + r] += load(qg + (h * R + r) * D + c * kLanes) * k;
+      }
+  } else {
+    for (int i = 0; i < kLanes; ++i) {
+      const float *qi = qg + i * D, *ki = kr + off[g * kLanes + i];
+      vf a = load(qi) * load(ki);
+      for (int c = 1; c < NV; ++c) a += load(qi + c * kLanes) * load(ki + c * kLanes);
+      prod[i] = a;
+    }
+  }
+  return transpose_sum(prod);
+}
+
+// Keys [j0, j1) of one sequence (rows: the cache row of each, in floats; a row holds the nkv KV
+// heads): query heads q [G * kLanes, D] (pre-scaled, zero past nq = nkv * rep), off[qh] = the
+// offset of head qh's KV head in a row (0 past nq). Writes o [nq, D] = sum_j p_j v_j, m [G * kLanes]
+// (the max used) and l = sum_j p_j, p_j = exp(s_j - m): o / l is the attention over the range.
+template <int NV, int R>
+void attend_rows(const float* q, int64_t nkv, int64_t rep, int64_t G, const int64_t* off, const float* kc,
+                 const float* vc, const int64_t* rows, int64_t j0, int64_t j1, float* o, float* m, float* l) {
+  constexpr int D = NV * kLanes;
+  const int64_t nq = nkv * rep, rowf = nkv * D;
+  alignas(32) float p[256], al[kLanes];
+  for (int64_t i = 0; i < nq * D; ++i) o[i] = 0.f;
+  for (int64_t g = 0; g < G; ++g) store(l + g * kLanes, vf{});
+  const vf above = splat(kRescaleAbove);
+  for (int64_t j = j0; j < j1; ++j) {
+    if (j + kRowsAhead < j1) {
+      prefetch(kc + rows[j + kRowsAhead], rowf);
+      prefetch(vc + rows[j + kRowsAhead], rowf);
+    }
+    const float* kr = kc + rows[j];
+    for (int64_t g = 0; g < G; ++g) {
+      const vf s = score_heads<NV, R>(q, g, rep, off, kr);
+      if (j == j0) store(m + g * kLanes, s);
+      vf mg = load(m + g * kLanes);
+      if (__builtin_expect(_mm256_movemask_ps(s > mg + above) != 0, 0)) {  // new max: rescale
+        const vf mn = vmax(mg, s), a = vexp(mg - mn);
+        store(l + g * kLanes, load(l + g * kLanes) * a);
+        store(al, a);
+        for (int64_t i = 0; i < kLanes && g * kLanes + i < nq; ++i) {
+          const vf ai = bcast(al + i);
+          float* oi = o + (g * kLanes + i) * D;
+          for (int c = 0; c < NV; ++c) store(oi + c * kLanes, load(oi + c * kLanes) * ai);
+        }
+        store(m + g * kLanes, mn);
+        mg = mn;
+      }
+      const vf e = vexp(s - mg);
+      store(l + g * kLanes, load(l + g * kLanes) + e);
+      store(p + g * kLanes, e);
+    }
+    // o_qh += p_qh v_j, head by head (the value row read front to back; loading a KV head's slice
+    // into registers first for its rep heads was ~20% slower from memory)
+    const float* vr = vc + rows[j];
+    for (int64_t qh = 0; qh < nq; ++qh) {
+      const vf pq = bcast(p + qh);
+      const float* v = vr + off[qh];
+      float* oq = o + qh * D;
+      for (int c = 0; c < NV; ++c) store(oq + c * kLanes, load(oq + c * kLanes) + pq * load(v + c * kLanes));
+    }
+  }
+}
+
+// with few sequences, a sequence's keys are split into chunks of at least this many
+constexpr int64_t kMinChunk = 16;
+
 #endif
 
 // q [T, nh, d]; k_cache, v_cache [blocks, bs, nkv, d]; block_tables [S, W] long; for the n decode
@@ -212,19 +314,6 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
               "paged_decode_attention: shapes (head_dim 16, 32, 64, 128 or 256)");
   const int64_t rep = nh / nkv, width = block_tables.size(1), n = seqs.numel();
   TORCH_CHECK(rows.numel() == n && lens.numel() == n, "paged_decode_attention: seqs, rows, lens of one length");
-  for (int64_t i = 0; i < n; ++i) {  // every key the kernel will read lies in the cache
-    const int64_t L = lens.data_ptr<int64_t>()[i], s = seqs.data_ptr<int64_t>()[i];
-    TORCH_CHECK(L >= 1 && (L + bs - 1) / bs <= width && s >= 0 && s < block_tables.size(0) &&
-                    rows.data_ptr<int64_t>()[i] >= 0 && rows.data_ptr<int64_t>()[i] < q.size(0),
-                "paged_decode_attention: sequence ", i, " out of range");
-    for (int64_t b = 0; b < (L + bs - 1) / bs; ++b) {
-      const int64_t blk = block_tables.data_ptr<int64_t>()[s * width + b];
-      TORCH_CHECK(blk >= 0 && blk < k_cache.size(0), "paged_decode_attention: block id out of range");
-    }
-  }
-  // a task is one sequence with all its KV heads (whole cache rows read in order); with few
-  // sequences, one KV head each so that every thread has work
-  const int64_t groups = n >= 4 * at::get_num_threads() ? 1 : nkv, nhk = nkv / groups;
   const float* qp = q.data_ptr<float>();
   const float* kp = k_cache.data_ptr<float>();
   const float* vp = v_cache.data_ptr<float>();
@@ -233,7 +322,101 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   const int64_t* rp = rows.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
+  const int64_t nblocks = k_cache.size(0), nrows = block_tables.size(0), T = q.size(0);
+  for (int64_t i = 0; i < n; ++i) {  // every key the kernel will read lies in the cache
+    const int64_t L = lp[i], s = sp[i];
+    TORCH_CHECK(L >= 1 && (L + bs - 1) / bs <= width && s >= 0 && s < nrows && rp[i] >= 0 && rp[i] < T,
+                "paged_decode_attention: sequence ", i, " out of range");
+    for (int64_t b = 0; b < (L + bs - 1) / bs; ++b) {
+      const int64_t blk = bt[s * width + b];
+      TORCH_CHECK(blk >= 0 && blk < nblocks, "paged_decode_attention: block id out of range");
+    }
+  }
   const float sc = static_cast<float>(scale);
+#if DEEPSPLIT_LANES == 8
+  if (rep <= kRowsMaxRep && nh * d <= kRowsMaxFloats) {
+    // A task is a range of one sequence's keys with all KV heads (whole rows read in order). With
+    // fewer than 4 sequences per thread a sequence's keys are split into up to that many chunks of
+    // >= kMinChunk keys (a multiple of the threads where there are as many: static partition),
+    // merged below; splitting by KV head instead would read each row in slices.
+    const int64_t nt = at::get_num_threads(), want = n >= 4 * nt ? 1 : (4 * nt + n - 1) / n;
+    std::vector<int64_t> first(n + 1, 0);  // sequence i: tasks [first[i], first[i + 1])
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t S = std::max<int64_t>(1, std::min<int64_t>(want, lp[i] / kMinChunk));
+      first[i + 1] = first[i] + (S >= nt ? S - S % nt : S);
+    }
+    const int64_t tasks = first[n], G = (nh + kLanes - 1) / kLanes, np = G * kLanes;
+    const bool split = tasks > n;
+    const int64_t stride = nh * d + 2 * np;  // a chunk's o [nh, d], m [np], l [np] (when split)
+    std::unique_ptr<float[]> part(split ? new float[tasks * stride] : nullptr);
+    const int R = nh % kLanes ? 0 : static_cast<int>(rep);  // score_heads' fixed offsets: whole groups
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qs(np * d, 0.f);  // zero past nh
+      std::vector<int64_t> off(np, 0), rows;
+      alignas(32) float mb[256], lb[256];
+      for (int64_t qh = 0; qh < nh; ++qh) off[qh] = qh / rep * d;
+      int64_t i = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
+      for (int64_t t = begin; t < end; ++t) {
+        while (first[i + 1] <= t) ++i;
+        const int64_t S = first[i + 1] - first[i], c = t - first[i], L = lp[i];
+        const int64_t j0 = c * L / S, j1 = (c + 1) * L / S;
+        for (int64_t x = 0; x < nh * d; ++x) qs[x] = qp[rp[i] * nh * d + x] * sc;
+        rows.resize(j1 - j0);  // cache row of each key, in floats (block by block: no divisions)
+        const int64_t* table = bt + sp[i] * width;
+        for (int64_t j = j0, b = j0 / bs, u = j0 % bs; j < j1; ++j) {
+          rows[j - j0] = (table[b] * bs + u) * nkv * d;
+          if (++u == bs) u = 0, ++b;
+        }
+        float* o = split ? part.get() + t * stride : op + rp[i] * nh * d;
+        float *m = split ? o + nh * d : mb, *l = split ? o + nh * d + np : lb;
+        auto run = [&](auto nv) {
+          constexpr int NV = decltype(nv)::value;
+          const auto args = std::make_tuple(qs.data(), nkv, rep, G, off.data(), kp, vp, rows.data(), int64_t{0},
+                                            j1 - j0, o, m, l);
+          switch (R) {
+            case 1: std::apply(attend_rows<NV, 1>, args); break;
+            case 2: std::apply(attend_rows<NV, 2>, args); break;
+            default: std::apply(attend_rows<NV, 0>, args);
+          }
+        };
+        switch (d) {  // NV = d / kLanes
+          case 16: run(std::integral_constant<int, 16 / kLanes>{}); break;
+          case 32: run(std::integral_constant<int, 32 / kLanes>{}); break;
+          case 64: run(std::integral_constant<int, 64 / kLanes>{}); break;
+          case 128: run(std::integral_constant<int, 128 / kLanes>{}); break;
+          default: run(std::integral_constant<int, 256 / kLanes>{});
+        }
+        if (!split)
+          for (int64_t qh = 0; qh < nh; ++qh) {
+            const vf inv = splat(1.0f / l[qh]);
+            for (int64_t x = 0; x < d; x += kLanes) store(o + qh * d + x, load(o + qh * d + x) * inv);
+          }
+      }
+    });
+    if (split)  // out = sum_c e^(m_c - M) o_c / sum_c e^(m_c - M) l_c, M = max_c m_c (few sequences: here)
+      for (int64_t i = 0; i < n; ++i) {
+        const float* p0 = part.get() + first[i] * stride;
+        const int64_t S = first[i + 1] - first[i];
+        float* oi = op + rp[i] * nh * d;
+        for (int64_t qh = 0; qh < nh; ++qh) {
+          const float* m0 = p0 + nh * d + qh;  // chunk c: m at m0[c * stride], l at m0[c * stride + np]
+          float M = m0[0], den = 0.f;
+          for (int64_t c = 1; c < S; ++c) M = std::max(M, m0[c * stride]);
+          for (int64_t c = 0; c < S; ++c) den += std::exp(m0[c * stride] - M) * m0[c * stride + np];
+          for (int64_t x = 0; x < d; x += kLanes) store(oi + qh * d + x, vf{});
+          for (int64_t c = 0; c < S; ++c) {
+            const vf w = splat(std::exp(m0[c * stride] - M) / den);
+            const float* oc = p0 + c * stride + qh * d;
+            for (int64_t x = 0; x < d; x += kLanes) store(oi + qh * d + x, load(oi + qh * d + x) + w * load(oc + x));
+          }
+        }
+      }
+    return;
+  }
+#endif
+  // a task is one sequence with all its KV heads (whole cache rows read in order); with few
+  // sequences, one KV head each so that every thread has work
+  const int64_t groups = n >= 4 * at::get_num_threads() ? 1 : nkv, nhk = nkv / groups;
   at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qs(nhk * rep * d), s;
     std::vector<int64_t> rows;

@@ -35,8 +35,9 @@ def test_disabled_or_no_compiler_means_torch_path(monkeypatch, tmp_path):
     assert native.load() is False
 
 
-def _decode_step(nh, nkv, d, bs, lens, native_flag, seed=0):
-    """One decode token per sequence over `lens` cached keys in scattered blocks."""
+def _decode_step(nh, nkv, d, bs, lens, native_flag, seed=0, q_scale=1.0):
+    """One decode token per sequence over `lens` cached keys in scattered blocks (`q_scale` widens
+    the scores: softmax maxima that move far along a sequence)."""
     g = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(1, 256, bs, nkv, d)
     k_pool, v_pool = cache.layer(0)
@@ -53,7 +54,7 @@ def _decode_step(nh, nkv, d, bs, lens, native_flag, seed=0):
         torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         native=native_flag,
     )
-    q = torch.randn(len(lens), nh, d, generator=g)
+    q = torch.randn(len(lens), nh, d, generator=g) * q_scale
     k, v = torch.randn(len(lens), nkv, d, generator=g), torch.randn(len(lens), nkv, d, generator=g)
     with torch.inference_mode():
         return attention(q, k, v, meta, cache.layer(0), d**-0.5)
@@ -61,17 +62,27 @@ def _decode_step(nh, nkv, d, bs, lens, native_flag, seed=0):
 
 @needs_native
 @pytest.mark.parametrize(
-    "nh,nkv,d,bs,lens",
+    "nh,nkv,d,bs,lens,q_scale",
     [
-        (8, 4, 64, 16, [255, 3, 17, 100, 1, 64, 63, 200, 31, 32, 5, 128]),  # many sequences: one task each
-        (4, 2, 32, 5, [9, 1, 40]),  # few: one task per KV head; block size not a power of two
-        (4, 4, 128, 16, [70, 12]),  # no GQA
-        (16, 2, 16, 8, [33, 7, 300]),  # 8 query heads per KV head, smallest head_dim
+        (
+            8,
+            4,
+            64,
+            16,
+            [255, 3, 17, 100, 1, 64, 63, 200, 31, 32, 5, 128],
+            1.0,
+        ),  # many sequences: one task each
+        (4, 2, 32, 5, [9, 1, 40], 1.0),  # few: split sequences; block size not a power of two
+        (4, 4, 128, 16, [70, 12], 1.0),  # no GQA
+        (16, 2, 16, 8, [33, 7, 300], 1.0),  # 8 query heads per KV head, smallest head_dim
+        (16, 8, 32, 16, [500, 2, 130], 1.0),  # two groups of 8 query heads, long sequence split in chunks
+        (8, 4, 64, 16, [255, 3, 17, 100, 1, 64, 63, 200, 31, 32, 5, 128], 6.0),  # running maxima rescaled
+        (6, 3, 16, 4, [90, 41], 6.0),  # heads not a multiple of the lanes, split and rescaled
     ],
 )
-def test_paged_decode_attention_equals_torch_path(nh, nkv, d, bs, lens):
-    ref = _decode_step(nh, nkv, d, bs, lens, native_flag=False)
-    out = _decode_step(nh, nkv, d, bs, lens, native_flag=True)
+def test_paged_decode_attention_equals_torch_path(nh, nkv, d, bs, lens, q_scale):
+    ref = _decode_step(nh, nkv, d, bs, lens, native_flag=False, q_scale=q_scale)
+    out = _decode_step(nh, nkv, d, bs, lens, native_flag=True, q_scale=q_scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
