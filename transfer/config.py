@@ -89,5 +89,4 @@ class SenderSettings(BaseModel):
         4, ge=1, description="cut a write batch into about this many parallel pieces (Mooncake workers)"
     )
     mooncake_min_piece_bytes: int = Field(256 * 1024, ge=4096, description="never cut pieces smaller")
-    connect_timeout_s: float = Field(5.0, gt=0, description="wait for the receiver's first answer")
     max_idle_sockets: int = Field(8, ge=0, description="pooled control connections kept per receiver")
