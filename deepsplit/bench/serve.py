@@ -137,8 +137,7 @@ def run(args: argparse.Namespace) -> int:
     d = res["decode"]
     print(
         f"decode step at batch {rb}: {d['decode_step_s'] * 1000:.1f} ms; weight-matmul roofline "
-        f"{d['roofline_s'] * 1000:.1f} ms; ratio {d['ratio']:.2f} (median round; rounds: "
-        f"{_round_ratios(d, ' ')})",
+        f"{d['roofline_s'] * 1000:.1f} ms; ratio {d['ratio']:.2f} ({_how(d)})",
         flush=True,
     )
 
@@ -177,16 +176,26 @@ def _markdown(res: dict) -> str:
         )
     d = res["decode"]
     parts = ", ".join(
-        f"{k} {v * 1000:.1f}" for k, v in d["roofline_parts_s"].items() if k != "total" and "[" not in k
+        f"{k} {v * 1000:.1f}"
+        for k, v in d["roofline_parts_s"].items()
+        if k not in ("total", "fastest") and "[" not in k
     )
     out.append(
         f"\ndecode step at batch {d['batch']} (context {d['context']}): {d['decode_step_s'] * 1000:.1f} ms "
         f"(forward+sample {d['decode_forward_sample_s'] * 1000:.1f} ms); weight-matmul roofline "
-        f"{d['roofline_s'] * 1000:.1f} ms ({parts} ms); ratio **{d['ratio']:.2f}** (the median of "
-        f"{len(d['rounds'])} alternating rounds: {_round_ratios(d, ', ')})"
+        f"{d['roofline_s'] * 1000:.1f} ms ({parts} ms); ratio **{d['ratio']:.2f}** ({_how(d)})"
     )
     return "\n".join(out)
 
 
-def _round_ratios(decode: dict, sep: str) -> str:
-    return sep.join(f"{r['ratio']:.2f}" for r in decode["rounds"])
+def _how(decode: dict) -> str:
+    """Where the ratio comes from: the paired steps, else the median round; the rounds' ratios."""
+    rounds = ", ".join(f"{r['ratio']:.2f}" for r in decode["rounds"])
+    p = decode.get("paired")
+    if p is None:
+        return f"the median of {len(decode['rounds'])} alternating rounds: {rounds}"
+    lo, hi = p["ratio_p10_p90"]
+    return (
+        f"median of {p['pairs']} steps, each paired with its roofline replayed right after; "
+        f"p10-p90 {lo:.2f}-{hi:.2f}; whole rounds: {rounds}; parts from the median round"
+    )
