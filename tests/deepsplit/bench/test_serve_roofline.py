@@ -34,5 +34,6 @@ def test_ratio_is_the_median_of_paired_steps(decode):
     assert decode["ratio"] == p["ratio"] == pytest.approx(statistics.median(ratios))
     lo, hi = p["ratio_p10_p90"]
     assert min(ratios) <= lo <= p["ratio"] <= hi <= max(ratios)
+    assert 0 < p["decode_forward_sample_s"] <= p["decode_step_s"]  # the runner is inside each step
     assert decode["round_ratio"] in [r["ratio"] for r in decode["rounds"]]
     assert f"median of {p['pairs']} steps" in _how(decode)
