@@ -21,6 +21,18 @@ namespace {
 
 using namespace deepsplit;
 
+// run(std::integral_constant<int, NV>{}) with NV = d / kLanes, d one of 16, 32, 64, 128, 256 (checked)
+template <class F>
+void by_head_dim(int64_t d, F&& run) {
+  switch (d) {
+    case 16: run(std::integral_constant<int, 16 / kLanes>{}); break;
+    case 32: run(std::integral_constant<int, 32 / kLanes>{}); break;
+    case 64: run(std::integral_constant<int, 64 / kLanes>{}); break;
+    case 128: run(std::integral_constant<int, 128 / kLanes>{}); break;
+    default: run(std::integral_constant<int, 256 / kLanes>{});
+  }
+}
+
 // scratch floats of one task: scores of nq query heads x L keys (rows rounded up to kLanes)
 int64_t scratch_floats(int64_t nq, int64_t L) { return nq * ((L + kLanes - 1) / kLanes * kLanes); }
 
@@ -379,13 +391,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
             default: std::apply(attend_rows<NV, 0>, args);
           }
         };
-        switch (d) {  // NV = d / kLanes
-          case 16: run(std::integral_constant<int, 16 / kLanes>{}); break;
-          case 32: run(std::integral_constant<int, 32 / kLanes>{}); break;
-          case 64: run(std::integral_constant<int, 64 / kLanes>{}); break;
-          case 128: run(std::integral_constant<int, 128 / kLanes>{}); break;
-          default: run(std::integral_constant<int, 256 / kLanes>{});
-        }
+        by_head_dim(d, run);
         if (!split)
           for (int64_t qh = 0; qh < nh; ++qh) {
             const vf inv = splat(1.0f / l[qh]);
@@ -433,13 +439,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
       auto run = [&](auto nv) {
         attend<decltype(nv)::value>(qs.data(), nhk, rep, kc, vc, rows.data(), L, s.data(), op + off);
       };
-      switch (d) {  // NV = d / kLanes
-        case 16: run(std::integral_constant<int, 16 / kLanes>{}); break;
-        case 32: run(std::integral_constant<int, 32 / kLanes>{}); break;
-        case 64: run(std::integral_constant<int, 64 / kLanes>{}); break;
-        case 128: run(std::integral_constant<int, 128 / kLanes>{}); break;
-        default: run(std::integral_constant<int, 256 / kLanes>{});
-      }
+      by_head_dim(d, run);
     }
   });
 }
