@@ -59,9 +59,8 @@ def measure(model_dir: str, batch: int, context: int, steps: int, threads: int, 
     times: list[float] = []
     run_times: list[float] = []
     step_counts: list[list[list[int]]] = []
-    pairs: list[
-        tuple[float, float, float]
-    ] = []  # (step, its forward+sample, its roofline replayed right after)
+    # (step, its forward+sample, its roofline replayed right after)
+    pairs: list[tuple[float, float, float]] = []
     fastest: dict[str, str] = {}  # part -> form, from the last round's full timing
 
     def on_step(out, dt):
@@ -217,9 +216,8 @@ def _roofline(
 
 
 def _time(fn, repeats: int = 7) -> float:
-    """Median of `repeats` timed calls; with more than one, after an untimed warm-up."""
-    if repeats > 1:
-        fn()
+    """Median of `repeats` timed calls after an untimed warm-up."""
+    fn()
     samples = []
     for _ in range(repeats):
         t = time.perf_counter()

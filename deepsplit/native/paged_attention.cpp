@@ -13,7 +13,6 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
-#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -249,28 +248,28 @@ inline vf score_heads(const float* q, int64_t g, int64_t rep, const int64_t* off
   return transpose_sum(prod);
 }
 
-// Keys [j0, j1) of one sequence (rows: the cache row of each, in floats; a row holds the nkv KV
-// heads): query heads q [G * kLanes, D] (pre-scaled, zero past nq = nkv * rep), off[qh] = the
+// The L keys of one sequence (or of a chunk of it) whose cache rows start at rows[j] (in floats; a
+// row holds the nkv KV heads): query heads q [G * kLanes, D] (pre-scaled, zero past nq = nkv * rep), off[qh] = the
 // offset of head qh's KV head in a row (0 past nq). Writes o [nq, D] = sum_j p_j v_j, m [G * kLanes]
-// (the max used) and l = sum_j p_j, p_j = exp(s_j - m): o / l is the attention over the range.
+// (the max used) and l = sum_j p_j, p_j = exp(s_j - m): o / l is the attention over those keys.
 template <int NV, int R>
 void attend_rows(const float* q, int64_t nkv, int64_t rep, int64_t G, const int64_t* off, const float* kc,
-                 const float* vc, const int64_t* rows, int64_t j0, int64_t j1, float* o, float* m, float* l) {
+                 const float* vc, const int64_t* rows, int64_t L, float* o, float* m, float* l) {
   constexpr int D = NV * kLanes;
   const int64_t nq = nkv * rep, rowf = nkv * D;
   alignas(32) float p[256], al[kLanes];
   for (int64_t i = 0; i < nq * D; ++i) o[i] = 0.f;
   for (int64_t g = 0; g < G; ++g) store(l + g * kLanes, vf{});
   const vf above = splat(kRescaleAbove);
-  for (int64_t j = j0; j < j1; ++j) {
-    if (j + kRowsAhead < j1) {
+  for (int64_t j = 0; j < L; ++j) {
+    if (j + kRowsAhead < L) {
       prefetch(kc + rows[j + kRowsAhead], rowf);
       prefetch(vc + rows[j + kRowsAhead], rowf);
     }
     const float* kr = kc + rows[j];
     for (int64_t g = 0; g < G; ++g) {
       const vf s = score_heads<NV, R>(q, g, rep, off, kr);
-      if (j == j0) store(m + g * kLanes, s);
+      if (j == 0) store(m + g * kLanes, s);
       vf mg = load(m + g * kLanes);
       if (__builtin_expect(_mm256_movemask_ps(s > mg + above) != 0, 0)) {  // new max: rescale
         const vf mn = vmax(mg, s), a = vexp(mg - mn);
@@ -383,13 +382,8 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
         float *m = split ? o + nh * d : mb, *l = split ? o + nh * d + np : lb;
         auto run = [&](auto nv) {
           constexpr int NV = decltype(nv)::value;
-          const auto args = std::make_tuple(qs.data(), nkv, rep, G, off.data(), kp, vp, rows.data(), int64_t{0},
-                                            j1 - j0, o, m, l);
-          switch (R) {
-            case 1: std::apply(attend_rows<NV, 1>, args); break;
-            case 2: std::apply(attend_rows<NV, 2>, args); break;
-            default: std::apply(attend_rows<NV, 0>, args);
-          }
+          auto f = R == 1 ? attend_rows<NV, 1> : R == 2 ? attend_rows<NV, 2> : attend_rows<NV, 0>;
+          f(qs.data(), nkv, rep, G, off.data(), kp, vp, rows.data(), j1 - j0, o, m, l);
         };
         by_head_dim(d, run);
         if (!split)
