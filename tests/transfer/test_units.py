@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+import zmq
 
 from transfer import BlockAllocator, BufferSpec, MultimodalDataBuffers, PoolExhausted
 from transfer import messages as m
@@ -101,3 +104,64 @@ def test_mooncake_split_cuts_large_ranges_into_similar_pieces():
     assert len(big) == 4 and max(big) <= total // 4 + 1 and min(big) >= 256 << 10, lens
     # small batches stay whole: nothing is cut below min_piece
     assert split([(0, 0, 300 << 10)], pieces=4, min_piece=256 << 10)[2] == [300 << 10]
+
+
+class _RecordingSocket:
+    """Collects what the ZMQ sender hands its socket, message by message."""
+
+    def __init__(self) -> None:
+        self.messages: list[list] = [[]]
+
+    def send(self, data, flags=0, copy=True):
+        self.messages[-1].append(bytes(data))
+        if not flags & zmq.SNDMORE:
+            self.messages.append([])
+
+
+def _zmq_messages(sizes: dict[str, int], row_bytes: dict[str, int], done):
+    from transfer.backends.base import Write
+    from transfer.backends.zmq_backend import ZmqSender
+
+    sock = _RecordingSocket()
+    desc = SimpleNamespace(
+        receiver_id="rx", buffers={n: SimpleNamespace(row_bytes=rb) for n, rb in row_bytes.items()}
+    )
+    writes = [Write(n, 0, np.full(k, i, np.uint8)) for i, (n, k) in enumerate(sizes.items())]
+    ZmqSender().write(SimpleNamespace(sock=sock), desc, "r1", writes, claim=7, done=done)
+    out = []
+    for msg in sock.messages[:-1]:
+        head = m.decode(msg[0])
+        assert [s[2] for s in head.segments] == [len(f) for f in msg[1:]]
+        out.append((head, msg[1:]))
+    return out
+
+
+def test_zmq_rows_go_in_about_one_mib_messages_and_the_seal_rides_with_the_last():
+    from transfer.backends.zmq_backend import FRAME_BYTES, TAIL_BYTES
+
+    done = m.Done(room="r1", total_rows=1, vision_rows=1, mrope_delta=0, num_images=0, checksum=0)
+    rb = {"fill_ids": 4, "embeddings": 8192, "deepstack": 24576, "aux": 64}
+    # one room of ~1 MiB: one message, claimed and sealed by it, the aux record included
+    small = {"fill_ids": 128, "embeddings": 32 * 8192, "deepstack": 32 * 24576, "aux": 64}
+    ((head, frames),) = _zmq_messages(small, rb, done)
+    assert head.receiver_id == "rx" and head.total_rows == 7 and head.done == done
+    assert [s[0] for s in head.segments] == list(small) and sum(map(len, frames)) == sum(small.values())
+    # 8 MiB: ~1 MiB messages of whole rows; only the first claims, only the last seals
+    big = {"fill_ids": 1024, "embeddings": 256 * 8192, "deepstack": 256 * 24576, "aux": 64}
+    msgs = _zmq_messages(big, rb, done)
+    assert len(msgs) == 8
+    assert [h.receiver_id for h, _ in msgs] == ["rx"] + [""] * (len(msgs) - 1)
+    assert [h.done for h, _ in msgs] == [None] * (len(msgs) - 1) + [done]
+    assert msgs[-1][0].segments[-1][0] == "aux"
+    for head, frames in msgs:
+        assert sum(map(len, frames)) <= FRAME_BYTES + TAIL_BYTES
+        for (name, offset, n), f in zip(head.segments, frames, strict=True):
+            assert offset % rb[name] == 0 and n % rb[name] == 0 and len(set(f)) == 1
+    got = {}
+    for head, _ in msgs:
+        for name, offset, n in head.segments:
+            got.setdefault(name, []).append((offset, n))
+    for name, k in big.items():  # every byte once, in order
+        spans = got[name]
+        assert spans[0][0] == 0 and sum(n for _, n in spans) == k
+        assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))

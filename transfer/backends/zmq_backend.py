@@ -1,7 +1,8 @@
 """ZMQ backend: rows travel as raw frames on the room's control connection, after a `Data` header.
 
 On the fast path the first header also claims the room and the last carries the `Done` seal, so a
-room that fits its blocks is one message (plus more per ~8 MiB) and the receiver's Ack.
+room that fits its blocks is one message per ~1 MiB of rows (a small remainder, such as the aux
+record, rides with the message before it) and the receiver's Ack.
 
 The sender hands large frames to ZMQ without copying; the receiver's control thread checks each
 header against the room's blocks and receives the frame straight into them (`recv_into`), so a
@@ -16,7 +17,10 @@ from transfer import messages as m
 from transfer.backends.base import ReceiverBackend, SenderBackend, Write
 
 ZERO_COPY_MIN = 64 * 1024  # below this a copy is cheaper than zmq's zero-copy bookkeeping
-FRAME_BYTES = 2**20  # small writes share a message; large ones span several, so receive and copy overlap
+FRAME_BYTES = 2**20  # rows go in ~1 MiB messages, so the receiver's copy of one overlaps the next's arrival
+TAIL_BYTES = (
+    FRAME_BYTES // 4
+)  # a message may exceed FRAME_BYTES by this (a ~1 MiB room, seal included, is one)
 
 
 class ZmqSender(SenderBackend):
@@ -24,34 +28,32 @@ class ZmqSender(SenderBackend):
     writes_out_of_band = False
 
     def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
-        segs, frames, size = [], [], 0
-        first = True
-
-        def flush(last: bool):
-            nonlocal segs, frames, size, first
-            if segs or last and done is not None:
-                head = m.Data(room=room, segments=segs, done=done if last else None)
-                if first and claim:
-                    head.receiver_id, head.total_rows = desc.receiver_id, claim
-                conn.sock.send(m.encode(head), zmq.SNDMORE if frames else 0)
-                for i, f in enumerate(frames):
-                    more = zmq.SNDMORE if i + 1 < len(frames) else 0
-                    conn.sock.send(memoryview(f), more, copy=len(f) < ZERO_COPY_MIN)
-                first = False
-            segs, frames, size = [], [], 0
-
+        chunks = []  # (buffer, offset, bytes), each whole rows of at most ~FRAME_BYTES
         for w in writes:
-            data = w.src
             rb = desc.buffers[w.buffer].row_bytes
-            step = max(rb, FRAME_BYTES // rb * rb)  # frames hold whole rows
-            for a in range(0, len(data), step):
-                chunk = data[a : a + step]
-                segs.append((w.buffer, w.offset + a, len(chunk)))
-                frames.append(chunk)
-                size += len(chunk)
-                if size >= FRAME_BYTES:  # one message per ~8 MiB: receive and copy overlap
-                    flush(last=False)
-        flush(last=True)
+            step = max(rb, FRAME_BYTES // rb * rb)
+            chunks += [(w.buffer, w.offset + a, w.src[a : a + step]) for a in range(0, len(w.src), step)]
+        message, size, first = [], 0, True
+        for chunk in chunks:  # a message ends before a chunk that would take it past FRAME + TAIL
+            if message and size + len(chunk[2]) > FRAME_BYTES + TAIL_BYTES:
+                self._send(conn, desc, room, message, claim if first else 0, None)
+                message, size, first = [], 0, False
+            message.append(chunk)
+            size += len(chunk[2])
+        if message or done is not None:
+            self._send(conn, desc, room, message, claim if first else 0, done)
+
+    @staticmethod
+    def _send(conn, desc, room: str, chunks: list, claim: int, done) -> None:
+        """One multipart message: the Data header (claiming the room / sealing it if asked), then the
+        chunks' bytes, large ones handed to ZMQ without a copy."""
+        head = m.Data(room=room, segments=[(b, off, len(c)) for b, off, c in chunks], done=done)
+        if claim:
+            head.receiver_id, head.total_rows = desc.receiver_id, claim
+        conn.sock.send(m.encode(head), zmq.SNDMORE if chunks else 0)
+        for i, (_, _, c) in enumerate(chunks):
+            more = zmq.SNDMORE if i + 1 < len(chunks) else 0
+            conn.sock.send(memoryview(c), more, copy=len(c) < ZERO_COPY_MIN)
 
 
 class ZmqReceiver(ReceiverBackend):
