@@ -81,3 +81,30 @@ def raw_zmq_sink(conn, into_bytes: int = 0) -> None:
             break
         ack.send(b"k")
     ctx.destroy(0)
+
+
+def zmq_wire_floor_sink(conn, pool_bytes: int) -> None:
+    """The receiving half of the smallest Python exchange with our ZMQ wire shape: a ROUTER takes
+    [peer, msgpack header with (offset, bytes) segments and a crc, one frame per segment], receives
+    each frame into a preallocated pool at its offset, checks the crc of the first two segments (ids
+    and positions) and answers a msgpack ack. No room table, claims, ownership checks or seal."""
+    import zlib
+
+    import msgspec
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    conn.send(sock.bind_to_random_port("tcp://127.0.0.1"))
+    pool = torch.empty(pool_bytes, dtype=torch.uint8).numpy()
+    enc, dec = msgspec.msgpack.Encoder(), msgspec.msgpack.Decoder()
+    while True:
+        peer, head = sock.recv(), dec.decode(sock.recv())
+        if head is None:
+            break
+        for offset, n in head["segments"]:
+            sock.recv_into(pool[offset : offset + n])
+        (a, n0), (_, n1) = head["segments"][:2]
+        ok = zlib.crc32(pool[a : a + n0 + n1]) == head["crc"]
+        sock.send_multipart([peer, enc.encode({"room": head["room"], "ok": ok})])
+    ctx.destroy(0)

@@ -23,7 +23,7 @@ def test_bench_transfer_reports_every_series(tmp_path):
     assert [r["bytes"] for r in data["rows"]] == [64 * 1024, 1 << 20]
     series = ["memcpy", "raw mooncake", "ours mooncake", "ours mooncake, rows ready"]
     series += ["ours mooncake claimed", "ours mooncake claimed, rows ready"]
-    series += ["raw zmq", "raw zmq+copy", "ours zmq", "ours zmq, rows ready"]
+    series += ["raw zmq", "raw zmq+copy", "zmq wire floor", "ours zmq", "ours zmq, rows ready"]
     for row in data["rows"]:
         assert row["ours_bytes"] >= row["bytes"]
         for s in series:
@@ -31,6 +31,8 @@ def test_bench_transfer_reports_every_series(tmp_path):
         for b in ("mooncake", "zmq"):
             want = row[f"ours {b}"]["gib_s"] / row[f"raw {b}"]["gib_s"]
             assert row[f"ratio {b}"] == pytest.approx(want)
+        want = row["zmq wire floor"]["gib_s"] / row["raw zmq"]["gib_s"]
+        assert row["ratio zmq wire floor"] == pytest.approx(want)
         # the receiver verified the rows before the sender heard so: ready never after the Ack
         assert row["ours zmq, rows ready"]["seconds"] <= row["ours zmq"]["seconds"] * 1.5
     assert data["zmq_round_trip_s"] > 0
