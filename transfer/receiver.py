@@ -217,10 +217,7 @@ class TransferReceiver:
         self._skip_rest()
         room = self.rooms.get(msg.room)
         if room is None:
-            if self.rooms.writer_done(msg.room, peer):
-                log.info(
-                    "transfer: the sender of failed room %s is done writing; its blocks are free", msg.room
-                )
+            self._writer_back(msg.room, peer)
             if not isinstance(msg, m.Abort | m.Ack):
                 self._refuse_unknown(peer, msg)
             return
@@ -233,6 +230,11 @@ class TransferReceiver:
         if handler is None:
             return log.warning("transfer: unexpected %s from a sender, ignored", type(msg).__name__)
         handler(self, peer, room, msg)
+
+    def _writer_back(self, room_id: str, peer: bytes) -> None:
+        """A message from the sender of a quarantined room: its write returned, the blocks are free."""
+        if self.rooms.writer_done(room_id, peer):
+            log.info("transfer: the sender of failed room %s is done writing; its blocks are free", room_id)
 
     def _refuse_unknown(self, peer: bytes, msg) -> None:
         """Answer a message for a room this receiver does not have (late, or another incarnation's)."""
@@ -291,6 +293,8 @@ class TransferReceiver:
 
     def _on_data(self, peer: bytes, msg: m.Data) -> None:
         room = self.rooms.get(msg.room)
+        if room is None:
+            self._writer_back(msg.room, peer)
         if msg.receiver_id or msg.done is not None:  # fast path: the sender waits for an Ack
             if room is None:
                 self._skip_rest()

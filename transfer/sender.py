@@ -5,12 +5,13 @@ ZMQ fast path (the rows fit the descriptor's blocks): the rows go in Data messag
 claims the room and whose last carries the Done seal, then one Ack. Otherwise the handshake first:
 Begin -> Ready (right receiver, room open), the rows that fit, Partial -> Resume while more are
 needed, the aux record, Done -> Ack. Mooncake always waits for Ready before writing (its writes
-bypass the receiver, so it must know the room is still this request's). `claim(descriptor, rows)`
-sends that Begin ahead, as soon as the row count is known (while the vision tower runs), so the
-Ready is already there when `send` starts. `send` returns a `SendResult` or raises `TransferFailed`
-(after telling the receiver to abort); `abandon` tells a receiver that a descriptor will never be
-written. Thread-safe: each room uses its own connection from the pool; every backend the
-descriptors name is started lazily.
+bypass the receiver, so it must know the room is still this request's) and writes only the vision
+and deepstack rows; ids, positions and the aux record follow with Done as a Data message on the
+control link. `claim(descriptor, rows)` sends that Begin ahead, as soon as the row count is known
+(while the vision tower runs), so the Ready is already there when `send` starts. `send` returns a
+`SendResult` or raises `TransferFailed` (after telling the receiver to abort); `abandon` tells a
+receiver that a descriptor will never be written. Thread-safe: each room uses its own connection
+from the pool; every backend the descriptors name is started lazily.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import zmq
 
 from transfer import messages as m
 from transfer.backends import SenderBackend, TransferError, Write, sender_backend
+from transfer.backends.zmq_backend import send_on_control
 from transfer.buffers import runs
 from transfer.config import SenderSettings
 from transfer.payload import AuxRecord, MultimodalPayload, checksum, room_tag
@@ -214,6 +216,10 @@ class TransferSender:
             checksum=crc,
         )
         src = self._sources(desc, rows, n, v)
+        # out of band go the vision and deepstack rows only: ids, positions and the seal follow with
+        # Done on the control link, checked on receipt (a range of a few hundred bytes in a Mooncake
+        # batch costs it a whole transfer round: +0.3-0.4 ms per 1-4 MiB batch measured here)
+        inline = {k: src.pop(k) for k in ("fill_ids", "mrope")} if oob else {}
         blocks, ready = desc.block_ids, None
         if fast:
             writes = self._writes(desc, blocks, src, 0, n, v) + [self._seal(desc, blocks, aux)]
@@ -230,7 +236,7 @@ class TransferSender:
         while True:
             upto = min(n, len(blocks) * desc.block_size)
             writes = self._writes(desc, blocks, src, sent, upto, v)
-            if upto == n:  # the seal goes last, with the final rows
+            if upto == n and not oob:  # the seal goes last, with the final rows
                 writes.append(self._seal(desc, blocks, aux))
             backend.write(conn, desc, room, writes)
             nbytes += sum(w.src.nbytes for w in writes)
@@ -252,7 +258,12 @@ class TransferSender:
             blocks, resumes = resume.block_ids, resumes + 1
             if time.monotonic() > deadline:
                 raise TransferFailed(f"room {room}: deadline passed while resuming")
-        conn.send(done)
+        if oob:  # every out-of-band write has returned: the small rows and the seal, then Done
+            tail = self._writes(desc, blocks, inline, 0, n, v) + [self._seal(desc, blocks, aux)]
+            send_on_control(conn, desc, room, tail, done=done)
+            nbytes += sum(w.src.nbytes for w in tail)
+        else:
+            conn.send(done)
         conn.expect(room, m.Ack, deadline)
         return SendResult(rows=n, bytes=nbytes, resumes=resumes, seconds=0.0)
 

@@ -28,32 +28,39 @@ class ZmqSender(SenderBackend):
     writes_out_of_band = False
 
     def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
-        chunks = []  # (buffer, offset, bytes), each whole rows of at most ~FRAME_BYTES
-        for w in writes:
-            rb = desc.buffers[w.buffer].row_bytes
-            step = max(rb, FRAME_BYTES // rb * rb)
-            chunks += [(w.buffer, w.offset + a, w.src[a : a + step]) for a in range(0, len(w.src), step)]
-        message, size, first = [], 0, True
-        for chunk in chunks:  # a message ends before a chunk that would take it past FRAME + TAIL
-            if message and size + len(chunk[2]) > FRAME_BYTES + TAIL_BYTES:
-                self._send(conn, desc, room, message, claim if first else 0, None)
-                message, size, first = [], 0, False
-            message.append(chunk)
-            size += len(chunk[2])
-        if message or done is not None:
-            self._send(conn, desc, room, message, claim if first else 0, done)
+        send_on_control(conn, desc, room, writes, claim, done)
 
-    @staticmethod
-    def _send(conn, desc, room: str, chunks: list, claim: int, done) -> None:
-        """One multipart message: the Data header (claiming the room / sealing it if asked), then the
-        chunks' bytes, large ones handed to ZMQ without a copy."""
-        head = m.Data(room=room, segments=[(b, off, len(c)) for b, off, c in chunks], done=done)
-        if claim:
-            head.receiver_id, head.total_rows = desc.receiver_id, claim
-        conn.sock.send(m.encode(head), zmq.SNDMORE if chunks else 0)
-        for i, (_, _, c) in enumerate(chunks):
-            more = zmq.SNDMORE if i + 1 < len(chunks) else 0
-            conn.sock.send(memoryview(c), more, copy=len(c) < ZERO_COPY_MIN)
+
+def send_on_control(conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
+    """Send `writes` as Data messages on the room's control connection: ~1 MiB messages of whole
+    rows, the first claiming the room for `claim` rows if asked, the last carrying `done` (the seal).
+    The ZMQ backend moves every row this way; out-of-band backends send their small rows so."""
+    chunks = []  # (buffer, offset, bytes), each whole rows of at most ~FRAME_BYTES
+    for w in writes:
+        rb = desc.buffers[w.buffer].row_bytes
+        step = max(rb, FRAME_BYTES // rb * rb)
+        chunks += [(w.buffer, w.offset + a, w.src[a : a + step]) for a in range(0, len(w.src), step)]
+    message, size, first = [], 0, True
+    for chunk in chunks:  # a message ends before a chunk that would take it past FRAME + TAIL
+        if message and size + len(chunk[2]) > FRAME_BYTES + TAIL_BYTES:
+            _send(conn, desc, room, message, claim if first else 0, None)
+            message, size, first = [], 0, False
+        message.append(chunk)
+        size += len(chunk[2])
+    if message or done is not None:
+        _send(conn, desc, room, message, claim if first else 0, done)
+
+
+def _send(conn, desc, room: str, chunks: list, claim: int, done) -> None:
+    """One multipart message: the Data header (claiming the room / sealing it if asked), then the
+    chunks' bytes, large ones handed to ZMQ without a copy."""
+    head = m.Data(room=room, segments=[(b, off, len(c)) for b, off, c in chunks], done=done)
+    if claim:
+        head.receiver_id, head.total_rows = desc.receiver_id, claim
+    conn.sock.send(m.encode(head), zmq.SNDMORE if chunks else 0)
+    for i, (_, _, c) in enumerate(chunks):
+        more = zmq.SNDMORE if i + 1 < len(chunks) else 0
+        conn.sock.send(memoryview(c), more, copy=len(c) < ZERO_COPY_MIN)
 
 
 class ZmqReceiver(ReceiverBackend):
