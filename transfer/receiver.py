@@ -217,7 +217,10 @@ class TransferReceiver:
         self._skip_rest()
         room = self.rooms.get(msg.room)
         if room is None:
-            self._writer_back(msg.room, peer)
+            if self.rooms.writer_done(msg.room, peer):
+                log.info(
+                    "transfer: the sender of failed room %s is done writing; its blocks are free", msg.room
+                )
             if not isinstance(msg, m.Abort | m.Ack):
                 self._refuse_unknown(peer, msg)
             return
@@ -230,11 +233,6 @@ class TransferReceiver:
         if handler is None:
             return log.warning("transfer: unexpected %s from a sender, ignored", type(msg).__name__)
         handler(self, peer, room, msg)
-
-    def _writer_back(self, room_id: str, peer: bytes) -> None:
-        """A message from the sender of a quarantined room: its write returned, the blocks are free."""
-        if self.rooms.writer_done(room_id, peer):
-            log.info("transfer: the sender of failed room %s is done writing; its blocks are free", room_id)
 
     def _refuse_unknown(self, peer: bytes, msg) -> None:
         """Answer a message for a room this receiver does not have (late, or another incarnation's)."""
@@ -292,9 +290,9 @@ class TransferReceiver:
         self._send(room.peer, m.Resume(room=room.id, block_ids=room.blocks, sent_rows=sent))
 
     def _on_data(self, peer: bytes, msg: m.Data) -> None:
+        # a Data message never ends a quarantine: a Mooncake sender sends its ids, positions and seal
+        # while its write is still moving (only what it sends after the write returned does)
         room = self.rooms.get(msg.room)
-        if room is None:
-            self._writer_back(msg.room, peer)
         if msg.receiver_id or msg.done is not None:  # fast path: the sender waits for an Ack
             if room is None:
                 self._skip_rest()

@@ -6,8 +6,8 @@ claims the room and whose last carries the Done seal, then one Ack. Otherwise th
 Begin -> Ready (right receiver, room open), the rows that fit, Partial -> Resume while more are
 needed, the aux record, Done -> Ack. Mooncake always waits for Ready before writing (its writes
 bypass the receiver, so it must know the room is still this request's) and writes only the vision
-and deepstack rows; ids, positions and the aux record follow with Done as a Data message on the
-control link. `claim(descriptor, rows)` sends that Begin ahead, as soon as the row count is known
+and deepstack rows; ids, positions and the aux record go as a Data message on the control link
+while those writes are in flight, and Done once they returned. `claim(descriptor, rows)` sends that Begin ahead, as soon as the row count is known
 (while the vision tower runs), so the Ready is already there when `send` starts. `send` returns a
 `SendResult` or raises `TransferFailed` (after telling the receiver to abort); `abandon` tells a
 receiver that a descriptor will never be written. Thread-safe: each room uses its own connection
@@ -16,6 +16,7 @@ from the pool; every backend the descriptors name is started lazily.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -216,9 +217,9 @@ class TransferSender:
             checksum=crc,
         )
         src = self._sources(desc, rows, n, v)
-        # out of band go the vision and deepstack rows only: ids, positions and the seal follow with
-        # Done on the control link, checked on receipt (a range of a few hundred bytes in a Mooncake
-        # batch costs it a whole transfer round: +0.3-0.4 ms per 1-4 MiB batch measured here)
+        # out of band go the vision and deepstack rows only: ids, positions and the seal go on the
+        # control link, checked on receipt (a range of a few hundred bytes in a Mooncake batch costs
+        # it a whole transfer round: +0.3-0.4 ms per 1-4 MiB batch measured here)
         inline = {k: src.pop(k) for k in ("fill_ids", "mrope")} if oob else {}
         blocks, ready = desc.block_ids, None
         if fast:
@@ -236,9 +237,14 @@ class TransferSender:
         while True:
             upto = min(n, len(blocks) * desc.block_size)
             writes = self._writes(desc, blocks, src, sent, upto, v)
-            if upto == n and not oob:  # the seal goes last, with the final rows
+            send_tail = None
+            if upto == n and oob:  # ids, positions and the seal go on the control link while rows fly
+                tail = self._writes(desc, blocks, inline, 0, n, v) + [self._seal(desc, blocks, aux)]
+                send_tail = functools.partial(send_on_control, conn, desc, room, tail)
+                nbytes += sum(w.src.nbytes for w in tail)
+            elif upto == n:  # the seal goes last, with the final rows
                 writes.append(self._seal(desc, blocks, aux))
-            backend.write(conn, desc, room, writes)
+            backend.write(conn, desc, room, writes, while_writing=send_tail)
             nbytes += sum(w.src.nbytes for w in writes)
             sent = upto
             reason = conn.aborted(room)
@@ -258,12 +264,7 @@ class TransferSender:
             blocks, resumes = resume.block_ids, resumes + 1
             if time.monotonic() > deadline:
                 raise TransferFailed(f"room {room}: deadline passed while resuming")
-        if oob:  # every out-of-band write has returned: the small rows and the seal, then Done
-            tail = self._writes(desc, blocks, inline, 0, n, v) + [self._seal(desc, blocks, aux)]
-            send_on_control(conn, desc, room, tail, done=done)
-            nbytes += sum(w.src.nbytes for w in tail)
-        else:
-            conn.send(done)
+        conn.send(done)  # every write has returned
         conn.expect(room, m.Ack, deadline)
         return SendResult(rows=n, bytes=nbytes, resumes=resumes, seconds=0.0)
 

@@ -121,11 +121,11 @@ def test_done_without_rows_is_a_torn_write(make_receiver):
     s.close()
 
 
-def test_seal_from_the_writer_of_a_quarantined_room_ends_the_quarantine(make_receiver):
-    """Mooncake senders send ids, positions and the seal with Done, as a Data message, once their
-    writes returned; for a room that failed mid-write that message is its sender reporting back: the
-    blocks come back without the stale-write guard's wait, the seal is refused and nothing is written.
-    The same message from anyone else changes nothing."""
+def test_rows_on_the_control_link_during_a_write_do_not_end_a_quarantine(make_receiver):
+    """A Mooncake sender sends ids, positions and the seal as a Data message while its write is
+    still moving, and Done once it returned. For a room that failed mid-write, only the Done (what
+    comes after the write) ends the quarantine; the Data before it writes nothing and frees nothing,
+    and nobody but the room's sender can end it."""
     rx = make_receiver("mooncake", num_blocks=4, stale_write_guard_s=120)
     d = rx.open_room(16)
     s, stranger = dealer(rx.control), dealer(rx.control)
@@ -134,15 +134,15 @@ def test_seal_from_the_writer_of_a_quarantined_room_ends_the_quarantine(make_rec
     rx.abort(d.room, "client went away")  # claimed: its sender may be writing
     assert isinstance(answer(s), m.Abort)
     assert rx.stats()["blocks_quarantined"] == 1
+    head = m.Data(room=d.room, segments=[("fill_ids", d.block_ids[0] * 16 * 4, 64)])
+    s.send_multipart([m.encode(head), b"\x07" * 64])
     done = m.Done(room=d.room, total_rows=16, vision_rows=0, mrope_delta=0, num_images=0, checksum=0)
-    seal = [m.encode(m.Data(room=d.room, segments=[("fill_ids", d.block_ids[0] * 16 * 4, 64)], done=done))]
-    stranger.send_multipart(seal + [b"\x07" * 64])
+    stranger.send(m.encode(done))
     assert not answer(stranger).ok
     assert rx.stats()["blocks_quarantined"] == 1
-    s.send_multipart(seal + [b"\x07" * 64])
-    reply = answer(s)
-    assert isinstance(reply, m.Ack) and not reply.ok
+    assert not rx.buffers.fill_ids.any(), "rows for a failed room were written into the pool"
+    s.send(m.encode(done))
+    assert not answer(s).ok
     assert rx.stats()["blocks_quarantined"] == 0 and rx.stats()["blocks_free"] == 4
-    assert not rx.buffers.fill_ids.any(), "a refused seal wrote into the pool"
     s.close()
     stranger.close()

@@ -29,11 +29,15 @@ class SenderBackend(abc.ABC):
     writes_out_of_band: bool  # True: bytes bypass the control link (handshake or verified link first)
 
     @abc.abstractmethod
-    def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
+    def write(
+        self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None, while_writing=None
+    ) -> None:
         """Put every write's bytes into the receiver's region; `conn` is the room's control link.
 
         Fast path (backends whose bytes travel on the control link only): `claim` > 0 claims the
-        room for that many rows with the first bytes, and `done` (a `Done`) seals it with the last."""
+        room for that many rows with the first bytes, and `done` (a `Done`) seals it with the last.
+        `while_writing` (no arguments) is called once the bytes are on their way, before returning;
+        even if it raises, an out-of-band backend returns only once every byte landed or failed."""
 
     def close(self) -> None:  # noqa: B027 - optional
         pass

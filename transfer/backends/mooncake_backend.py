@@ -1,8 +1,8 @@
 """Mooncake Transfer Engine backend: the sender writes rows straight into the receiver's pool.
 
 The receiver registers its five regions once and advertises `host:rpc_port` (P2PHANDSHAKE metadata,
-no metadata server); the sender issues one batched synchronous write per chunk, its large ranges cut
-into about `mooncake_write_pieces` pieces so the engine's workers move them in parallel (a single
+no metadata server); the sender issues one batched write per chunk (asynchronous when the caller has
+work to do meanwhile, then waited for), its large ranges cut into about `mooncake_write_pieces` pieces so the engine's workers move them in parallel (a single
 1-4 MiB write is bound by one worker's round trips, not by the link). Protocol `tcp` here, `rdma`
 where NICs exist (then sources are registered too, ref-counted, for the write's duration).
 """
@@ -42,10 +42,14 @@ class MooncakeSender(SenderBackend):
         self._regs: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
 
-    def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
+    def write(
+        self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None, while_writing=None
+    ) -> None:
         if claim or done is not None:
             raise TransferError("Mooncake writes bypass the control link: claim and seal there")
         if not writes:
+            if while_writing is not None:
+                while_writing()
             return
         regs = [(w.src.ctypes.data, w.src.nbytes) for w in writes] if self.register_sources else []
         srcs, dsts, lens = split(
@@ -56,7 +60,16 @@ class MooncakeSender(SenderBackend):
         for r in regs:
             self._ref(r, +1)
         try:
-            rc = self.engine.batch_transfer_sync_write(desc.session, srcs, dsts, lens)
+            if while_writing is None:
+                rc = self.engine.batch_transfer_sync_write(desc.session, srcs, dsts, lens)
+            else:  # submit, do the caller's work while the engine moves the bytes, then wait
+                batch = self.engine.batch_transfer_async_write(desc.session, srcs, dsts, lens)
+                if not batch:
+                    raise TransferError(f"Mooncake could not start a write to {desc.session}")
+                try:
+                    while_writing()
+                finally:
+                    rc = self.engine.get_batch_transfer_status([batch])
         finally:
             for r in regs:
                 self._ref(r, -1)

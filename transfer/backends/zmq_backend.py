@@ -27,8 +27,12 @@ class ZmqSender(SenderBackend):
     name = "zmq"
     writes_out_of_band = False
 
-    def write(self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
+    def write(
+        self, conn, desc, room: str, writes: list[Write], claim: int = 0, done=None, while_writing=None
+    ) -> None:
         send_on_control(conn, desc, room, writes, claim, done)
+        if while_writing is not None:
+            while_writing()
 
 
 def send_on_control(conn, desc, room: str, writes: list[Write], claim: int = 0, done=None) -> None:
