@@ -7,11 +7,12 @@ Begin -> Ready (right receiver, room open), the rows that fit, Partial -> Resume
 needed, the aux record, Done -> Ack. Mooncake always waits for Ready before writing (its writes
 bypass the receiver, so it must know the room is still this request's) and writes only the vision
 and deepstack rows; ids, positions and the aux record go as a Data message on the control link
-while those writes are in flight, and Done once they returned. `claim(descriptor, rows)` sends that Begin ahead, as soon as the row count is known
-(while the vision tower runs), so the Ready is already there when `send` starts. `send` returns a
-`SendResult` or raises `TransferFailed` (after telling the receiver to abort); `abandon` tells a
-receiver that a descriptor will never be written. Thread-safe: each room uses its own connection
-from the pool; every backend the descriptors name is started lazily.
+while those writes are in flight, and Done once they returned. `claim(descriptor, rows)` sends that
+Begin ahead, as soon as the row count is known (while the vision tower runs), so the Ready is
+already there when `send` starts. `send` returns a `SendResult` or raises `TransferFailed` (after
+telling the receiver to abort); `abandon` tells a receiver that a descriptor will never be written.
+Thread-safe: each room uses its own connection from the pool; every backend the descriptors name is
+started lazily.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The receiver registers its five regions once and advertises `host:rpc_port` (P2PHANDSHAKE metadata,
 no metadata server); the sender issues one batched write per chunk (asynchronous when the caller has
-work to do meanwhile, then waited for), its large ranges cut into about `mooncake_write_pieces` pieces so the engine's workers move them in parallel (a single
-1-4 MiB write is bound by one worker's round trips, not by the link). Protocol `tcp` here, `rdma`
-where NICs exist (then sources are registered too, ref-counted, for the write's duration).
+work to do meanwhile, then waited for), its large ranges cut into about `mooncake_write_pieces`
+pieces: Mooncake's TCP transport moves one transfer as 64 KiB chunks one after another, so pieces on
+separate connections keep several chunks in flight. Protocol `tcp` here, `rdma` where NICs exist
+(then sources are registered too, ref-counted, for the write's duration).
 """
 
 from __future__ import annotations

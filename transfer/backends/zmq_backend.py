@@ -17,10 +17,10 @@ from transfer import messages as m
 from transfer.backends.base import ReceiverBackend, SenderBackend, Write
 
 ZERO_COPY_MIN = 64 * 1024  # below this a copy is cheaper than zmq's zero-copy bookkeeping
-FRAME_BYTES = 2**20  # rows go in ~1 MiB messages, so the receiver's copy of one overlaps the next's arrival
-TAIL_BYTES = (
-    FRAME_BYTES // 4
-)  # a message may exceed FRAME_BYTES by this (a ~1 MiB room, seal included, is one)
+# rows go in ~1 MiB messages, so the receiver's copy of one overlaps the next one's arrival; a message
+# may exceed FRAME_BYTES by TAIL_BYTES, so a ~1 MiB room, seal included, is one message
+FRAME_BYTES = 2**20
+TAIL_BYTES = FRAME_BYTES // 4
 
 
 class ZmqSender(SenderBackend):
