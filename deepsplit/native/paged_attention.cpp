@@ -249,8 +249,8 @@ inline vf score_heads(const float* q, int64_t g, int64_t rep, const int64_t* off
 }
 
 // The L keys of one sequence (or of a chunk of it) whose cache rows start at rows[j] (in floats; a
-// row holds the nkv KV heads): query heads q [G * kLanes, D] (pre-scaled, zero past nq = nkv * rep), off[qh] = the
-// offset of head qh's KV head in a row (0 past nq). Writes o [nq, D] = sum_j p_j v_j, m [G * kLanes]
+// row holds the nkv KV heads): query heads q [G * kLanes, D] (pre-scaled, zero past nq = nkv * rep),
+// off[qh] = the offset of head qh's KV head in a row (0 past nq). Writes o [nq, D] = sum_j p_j v_j, m [G * kLanes]
 // (the max used) and l = sum_j p_j, p_j = exp(s_j - m): o / l is the attention over those keys.
 template <int NV, int R>
 void attend_rows(const float* q, int64_t nkv, int64_t rep, int64_t G, const int64_t* off, const float* kc,
