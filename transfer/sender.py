@@ -28,7 +28,7 @@ import numpy as np
 import zmq
 
 from transfer import messages as m
-from transfer.backends import SenderBackend, TransferError, Write, sender_backend
+from transfer.backends import SenderBackend, TransferError, Write, WriteInFlight, sender_backend
 from transfer.backends.zmq_backend import send_on_control
 from transfer.buffers import runs
 from transfer.config import SenderSettings
@@ -174,7 +174,10 @@ class TransferSender:
         try:
             res = self._exchange(conn, backend, desc, payload, deadline, claim)
         except (TransferFailed, TransferError, zmq.ZMQError) as e:
-            self._abort(conn, desc.room, str(e))
+            if isinstance(e, WriteInFlight):  # bytes may still land: say nothing, it stays quarantined
+                conn.close()
+            else:
+                self._abort(conn, desc.room, str(e))
             raise TransferFailed(
                 str(e) if isinstance(e, TransferFailed) else f"room {desc.room}: {e}"
             ) from None

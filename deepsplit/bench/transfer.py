@@ -1,7 +1,8 @@
 """`deepsplit bench transfer`: our push path per backend against raw Mooncake, raw ZMQ and memcpy.
 
 For each payload size (64 KiB .. 256 MiB) in one run: our `TransferSender` -> `TransferReceiver` in
-another process, Mooncake's bare `transfer_sync_write` of the same bytes between two processes, bare
+another process, Mooncake's bare `transfer_sync_write` of the same bytes between two processes (and,
+as a reference, the same write submitted and polled as our backend waits for its writes), bare
 ZMQ PUSH/PULL of the same bytes with a one-byte ack back (also with the receive copy into a pool a
 receiver of rows must make), the smallest Python exchange with our ZMQ wire shape ("zmq wire floor":
 header + one frame per buffer into a pool, crc, ack; none of our bookkeeping), and a local memcpy.
@@ -81,20 +82,27 @@ class Memcpy:
 
 
 class RawMooncake:
-    """Mooncake's bare `transfer_sync_write` into a buffer registered by another process."""
+    """Mooncake's bare `transfer_sync_write` into a buffer registered by another process; `polled`:
+    the same single write submitted (`transfer_submit_write`) and polled as our backend polls (a
+    reference: Mooncake's blocking calls spin a core until the write ends)."""
 
-    def __init__(self, max_bytes: int) -> None:
-        from transfer.backends.mooncake_backend import _engine
+    def __init__(self, max_bytes: int, polled: bool = False) -> None:
+        from transfer.backends.mooncake_backend import _engine, wait
 
         self.proc, self.conn = _spawn(peers.raw_mooncake_target, max_bytes)
         self.session, self.addr = self.conn.recv()
         self.eng = _engine("127.0.0.1", "tcp", "")
         self.src = torch.randn(max_bytes // 4 + 1).view(torch.uint8)
         assert self.eng.register_memory(self.src.data_ptr(), self.src.numel()) == 0
+        self.wait = wait if polled else None
 
     def once(self, nbytes: int) -> float:
         t = time.perf_counter()
-        assert self.eng.transfer_sync_write(self.session, self.src.data_ptr(), self.addr, nbytes) == 0
+        if self.wait is None:
+            assert self.eng.transfer_sync_write(self.session, self.src.data_ptr(), self.addr, nbytes) == 0
+        else:
+            batch = self.eng.transfer_submit_write(self.session, self.src.data_ptr(), self.addr, nbytes)
+            assert batch and self.wait(self.eng, [batch], 60.0, self.session) == 0
         return time.perf_counter() - t
 
     def close(self) -> None:
@@ -230,12 +238,16 @@ def _gibs(nbytes: int, seconds: float) -> float:
 
 def _ratios(row: dict, backends: list[str]) -> dict[str, float]:
     """ours/raw GiB/s for every series of ours (sender view, rows ready, claimed), ours against raw
-    ZMQ + copy, and the wire floor against raw ZMQ (a reference)."""
+    ZMQ + copy, and two references against raw: the polled Mooncake write, the ZMQ wire floor."""
     out = {}
     for b in backends:
         for name in row:
             if name.startswith(f"ours {b}"):
                 out[f"ratio {name[5:]}"] = row[name]["gib_s"] / row[f"raw {b}"]["gib_s"]
+        if b == "mooncake":
+            out["ratio raw mooncake polled"] = (
+                row["raw mooncake polled"]["gib_s"] / row["raw mooncake"]["gib_s"]
+            )
         if b == "zmq":
             out["ratio zmq vs raw+copy"] = row["ours zmq"]["gib_s"] / row["raw zmq+copy"]["gib_s"]
             out["ratio zmq wire floor"] = row["zmq wire floor"]["gib_s"] / row["raw zmq"]["gib_s"]
@@ -251,6 +263,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if "mooncake" in backends:
             contenders["raw mooncake"] = RawMooncake(max(sizes))
+            contenders["raw mooncake polled"] = RawMooncake(max(sizes), polled=True)
             contenders["ours mooncake"] = Ours("mooncake", sizes)
             contenders["ours mooncake claimed"] = Ours(
                 "mooncake", sizes, claim_ahead_s=args.claim_ahead_ms / 1e3
@@ -287,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"a 1-byte ZMQ round trip between the two processes: {rtt * 1e6:.0f} us (median)")
     big = [r for r in rows if r["bytes"] >= 2**20]
     for k in ratios:
-        if big and "floor" in k:
+        if big and ("floor" in k or "polled" in k):
             print(
                 f"{k[6:]} (a reference, not ours): lowest /raw for payloads >= 1 MiB: {min(r[k] for r in big):.2f}"
             )

@@ -7,9 +7,17 @@ install. The interface itself is in `base.py`.
 
 from __future__ import annotations
 
-from transfer.backends.base import ReceiverBackend, SenderBackend, TransferError, Write
+from transfer.backends.base import ReceiverBackend, SenderBackend, TransferError, Write, WriteInFlight
 
-__all__ = ["ReceiverBackend", "SenderBackend", "TransferError", "Write", "receiver_backend", "sender_backend"]
+__all__ = [
+    "ReceiverBackend",
+    "SenderBackend",
+    "TransferError",
+    "Write",
+    "WriteInFlight",
+    "receiver_backend",
+    "sender_backend",
+]
 
 
 def _mooncake():

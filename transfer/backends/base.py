@@ -18,6 +18,16 @@ class TransferError(RuntimeError):
     """Bytes could not be moved (peer gone, engine error, deadline)."""
 
 
+class WriteInFlight(TransferError):
+    """Gave up waiting for an out-of-band write whose bytes may still land (`pending`: the backend's
+    handles of what is still moving): the room's blocks must stay quarantined, so the sender must not
+    tell the receiver it is done."""
+
+    def __init__(self, message: str, pending: list) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
 class Write(NamedTuple):
     buffer: str  # embeddings | fill_ids | mrope | deepstack | aux
     offset: int  # byte offset in the receiver's buffer region

@@ -1,11 +1,14 @@
 """Mooncake Transfer Engine backend: the sender writes rows straight into the receiver's pool.
 
 The receiver registers its five regions once and advertises `host:rpc_port` (P2PHANDSHAKE metadata,
-no metadata server); the sender issues one batched write per chunk (asynchronous when the caller has
-work to do meanwhile, then waited for), its large ranges cut into about `mooncake_write_pieces`
-pieces: Mooncake's TCP transport moves one transfer as 64 KiB chunks one after another, so pieces on
-separate connections keep several chunks in flight. Protocol `tcp` here, `rdma` where NICs exist
-(then sources are registered too, ref-counted, for the write's duration).
+no metadata server); the sender submits each chunk's ranges, cut into about `mooncake_write_pieces`
+pieces (Mooncake's TCP transport moves one transfer as 64 KiB chunks one after another, so pieces on
+separate connections keep several chunks in flight), does the caller's work meanwhile, then polls
+them to the end. Polled, not waited for with Mooncake's blocking calls: those spin a core on the
+status until the transfer ends, which on a small host takes that core from the transport threads
+that move the bytes (a 1 MiB write ran 1.2-3x faster polled, 4 pieces 1.2-2.5x faster, at a tenth of
+the caller's CPU, here). Protocol `tcp` here, `rdma` where NICs exist (then sources are registered
+too, ref-counted, for the write's duration).
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 os.environ.setdefault("GLOG_minloglevel", "1")  # Mooncake's per-connection INFO lines; warnings stay
 from mooncake.engine import TransferEngine  # noqa: E402
 
-from transfer.backends.base import ReceiverBackend, SenderBackend, TransferError, Write
+from transfer.backends.base import ReceiverBackend, SenderBackend, TransferError, Write, WriteInFlight
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,9 @@ class MooncakeSender(SenderBackend):
         self.engine = _engine(settings.host, settings.mooncake_protocol, settings.mooncake_device)
         self.register_sources = settings.mooncake_protocol != "tcp"
         self.pieces, self.min_piece = settings.mooncake_write_pieces, settings.mooncake_min_piece_bytes
+        self.timeout_s = max(5.0, float(os.environ.get("MC_TRANSFER_TIMEOUT", 30)))  # as Mooncake's own
         self._regs: dict[tuple[int, int], int] = {}
+        self._stuck: list[tuple[list[int], list, list]] = []  # given-up writes: batches, sources, regs
         self._lock = threading.Lock()
 
     def write(
@@ -58,24 +64,42 @@ class MooncakeSender(SenderBackend):
             self.pieces,
             self.min_piece,
         )
+        self._reap()
         for r in regs:
             self._ref(r, +1)
+        failed, submitted = 0, []
         try:
-            if while_writing is None:
-                rc = self.engine.batch_transfer_sync_write(desc.session, srcs, dsts, lens)
-            else:  # submit, do the caller's work while the engine moves the bytes, then wait
-                batch = self.engine.batch_transfer_async_write(desc.session, srcs, dsts, lens)
-                if not batch:
-                    raise TransferError(f"Mooncake could not start a write to {desc.session}")
-                try:
+            try:
+                for s, d, n in zip(srcs, dsts, lens, strict=True):
+                    batch = self.engine.transfer_submit_write(desc.session, s, d, n)
+                    if not batch:
+                        raise TransferError(f"Mooncake could not start a write to {desc.session}")
+                    submitted.append(batch)
+                if while_writing is not None:
                     while_writing()
-                finally:
-                    rc = self.engine.get_batch_transfer_status([batch])
-        finally:
+            finally:  # whatever happened, return only once every submitted byte landed or failed
+                failed = wait(self.engine, submitted, self.timeout_s + sum(lens) * 1e-9, desc.session)
+        except WriteInFlight as e:  # the engine may still read the sources: keep them alive
+            with self._lock:
+                self._stuck.append((e.pending, [w.src for w in writes], regs))
+            raise
+        for r in regs:
+            self._ref(r, -1)
+        if failed:
+            raise TransferError(f"Mooncake write to {desc.session} failed ({failed} of {len(lens)} pieces)")
+
+    def _reap(self) -> None:
+        """Let go of given-up writes whose pieces have all ended since (sources, registrations)."""
+        with self._lock:
+            stuck, self._stuck = self._stuck, []
+        for batches, sources, regs in stuck:
+            batches = [b for b in batches if self.engine.transfer_check_status(b) == 0]
+            if batches:
+                with self._lock:
+                    self._stuck.append((batches, sources, regs))
+                continue
             for r in regs:
                 self._ref(r, -1)
-        if rc != 0:
-            raise TransferError(f"Mooncake write to {desc.session} failed (rc={rc}, {sum(lens)} bytes)")
 
     def _ref(self, region: tuple[int, int], d: int) -> None:
         with self._lock:
@@ -88,6 +112,33 @@ class MooncakeSender(SenderBackend):
                     self.engine.unregister_memory(region[0])
             else:
                 self._regs[region] = n
+
+
+def wait(engine, batches: list[int], budget_s: float, session: str) -> int:
+    """Poll Mooncake `batches` (`transfer_submit_write` handles) until each completed or failed;
+    returns how many failed. Sleeps between rounds grow with the time waited (1/16 of it, at most 1
+    ms), so a write ends at most a few percent late and the poll leaves the transport threads their
+    cores. Past `budget_s` (the sender's: Mooncake's own budget for a synchronous write,
+    `MC_TRANSFER_TIMEOUT` 30 s plus 1 s per GiB) it raises `WriteInFlight` with what is pending."""
+    start, failed = time.monotonic(), 0
+    while batches:
+        pending = []
+        for b in batches:
+            rc = engine.transfer_check_status(b)
+            if rc == 0:
+                pending.append(b)
+            elif rc < 0:  # -1 failed, -2 timed out in the transport
+                failed += 1
+        batches = pending
+        waited = time.monotonic() - start
+        if batches and waited > budget_s:
+            raise WriteInFlight(
+                f"Mooncake write to {session}: {len(batches)} pieces still moving after {waited:.1f}s",
+                batches,
+            )
+        if batches:
+            time.sleep(min(1e-3, waited / 16))
+    return failed
 
 
 def split(writes: list[tuple[int, int, int]], pieces: int, min_piece: int) -> tuple[list, list, list]:

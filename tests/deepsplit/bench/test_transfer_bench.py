@@ -19,9 +19,10 @@ def test_bench_transfer_reports_every_series(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "worst ours/raw for payloads >= 1 MiB" in res.stdout
+    assert "raw mooncake polled (a reference, not ours)" in res.stdout
     data = json.loads(out.read_text())
     assert [r["bytes"] for r in data["rows"]] == [64 * 1024, 1 << 20]
-    series = ["memcpy", "raw mooncake", "ours mooncake", "ours mooncake, rows ready"]
+    series = ["memcpy", "raw mooncake", "raw mooncake polled", "ours mooncake", "ours mooncake, rows ready"]
     series += ["ours mooncake claimed", "ours mooncake claimed, rows ready"]
     series += ["raw zmq", "raw zmq+copy", "zmq wire floor", "ours zmq", "ours zmq, rows ready"]
     for row in data["rows"]:
@@ -33,6 +34,8 @@ def test_bench_transfer_reports_every_series(tmp_path):
             assert row[f"ratio {b}"] == pytest.approx(want)
         want = row["zmq wire floor"]["gib_s"] / row["raw zmq"]["gib_s"]
         assert row["ratio zmq wire floor"] == pytest.approx(want)
+        want = row["raw mooncake polled"]["gib_s"] / row["raw mooncake"]["gib_s"]
+        assert row["ratio raw mooncake polled"] == pytest.approx(want)
         # the receiver verified the rows before the sender heard so: ready never after the Ack
         assert row["ours zmq, rows ready"]["seconds"] <= row["ours zmq"]["seconds"] * 1.5
     assert data["zmq_round_trip_s"] > 0
