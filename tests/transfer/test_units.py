@@ -1,4 +1,5 @@
-"""Unit tests of the pieces without sockets: allocator, row runs, buffer reads, messages, aux."""
+"""Unit tests of the pieces without sockets: allocator, row runs, buffer reads, messages, aux, ZMQ
+message grouping, and the Mooncake write's bookkeeping around a scripted engine."""
 
 from __future__ import annotations
 
@@ -165,3 +166,70 @@ def test_zmq_rows_go_in_about_one_mib_messages_and_the_seal_rides_with_the_last(
         spans = got[name]
         assert spans[0][0] == 0 and sum(n for _, n in spans) == k
         assert all(a + n == b for (a, n), (b, _) in zip(spans, spans[1:], strict=False))
+
+
+class _ScriptedEngine:
+    """Stands in for Mooncake's engine: submits return handles, `status[handle]` is what
+    `transfer_check_status` answers (0 waiting, -2 overdue, 1 done, -1 failed), registrations counted."""
+
+    def __init__(self, refuse_submit_after: int = 99, start_as: int = 1) -> None:
+        self.status: dict[int, int] = {}
+        self.registered: list[int] = []
+        self.refuse_after, self.start_as = refuse_submit_after, start_as
+
+    def transfer_submit_write(self, session, src, dst, n):
+        if len(self.status) >= self.refuse_after:
+            return 0
+        self.status[len(self.status) + 1] = self.start_as
+        return len(self.status)
+
+    def transfer_check_status(self, handle):
+        return self.status[handle]
+
+    def register_memory(self, addr, n):
+        self.registered.append(addr)
+        return 0
+
+    def unregister_memory(self, addr):
+        self.registered.remove(addr)
+
+
+def _rdma_sender(engine):
+    from transfer import SenderSettings
+    from transfer.backends.mooncake_backend import MooncakeSender
+
+    tx = MooncakeSender.__new__(MooncakeSender)  # no real engine: the logic around it is under test
+    s = SenderSettings(mooncake_min_piece_bytes=4096)
+    tx.engine, tx.register_sources, tx.pieces, tx.min_piece = engine, True, 4, s.mooncake_min_piece_bytes
+    tx.timeout_s, tx._regs, tx._stuck, tx._lock = 0.05, {}, [], threading.Lock()
+    desc = SimpleNamespace(session="peer", buffers={"embeddings": SimpleNamespace(addr=1 << 30)})
+    return tx, desc
+
+
+def test_mooncake_write_that_cannot_start_every_piece_waits_for_the_rest_and_unregisters():
+    from transfer.backends.base import TransferError, Write
+
+    eng = _ScriptedEngine(refuse_submit_after=2)
+    tx, desc = _rdma_sender(eng)
+    src = np.zeros(64 << 10, np.uint8)
+    with pytest.raises(TransferError, match="could not start"):
+        tx.write(None, desc, "r", [Write("embeddings", 0, src)])
+    assert len(eng.status) == 2 and eng.registered == []  # the two that started were waited for
+
+
+def test_mooncake_write_overdue_past_the_budget_is_in_flight_and_keeps_its_sources():
+    from transfer.backends.base import Write, WriteInFlight
+
+    eng = _ScriptedEngine(start_as=-2)
+    tx, desc = _rdma_sender(eng)
+    src = np.zeros(64 << 10, np.uint8)
+    with pytest.raises(WriteInFlight) as e:
+        tx.write(None, desc, "r", [Write("embeddings", 0, src)])
+    assert len(e.value.pending) == 4  # overdue is not over: its bytes may still land
+    assert eng.registered == [src.ctypes.data] and tx._stuck[0][1][0] is src
+    tx._reap()
+    assert len(tx._stuck) == 1  # still moving
+    for h in eng.status:
+        eng.status[h] = 1
+    tx._reap()
+    assert tx._stuck == [] and eng.registered == []

@@ -66,10 +66,11 @@ class MooncakeSender(SenderBackend):
             self.min_piece,
         )
         self._reap()
-        for r in regs:
-            self._ref(r, +1)
-        failed, submitted = 0, []
+        failed, submitted, reffed, moving = 0, [], [], False
         try:
+            for r in regs:
+                self._ref(r, +1)
+                reffed.append(r)
             try:
                 for s, d, n in zip(srcs, dsts, lens, strict=True):
                     batch = self.engine.transfer_submit_write(desc.session, s, d, n)
@@ -81,11 +82,13 @@ class MooncakeSender(SenderBackend):
             finally:  # whatever happened, return only once every submitted byte landed or failed
                 failed = wait(self.engine, submitted, self.timeout_s + sum(lens) * 1e-9, desc.session)
         except WriteInFlight as e:  # the engine may still read the sources: keep them alive
+            moving = True
             with self._lock:
-                self._stuck.append((e.pending, [w.src for w in writes], regs))
+                self._stuck.append((e.pending, [w.src for w in writes], reffed))
             raise
-        for r in regs:
-            self._ref(r, -1)
+        finally:
+            for r in reffed if not moving else []:
+                self._ref(r, -1)
         if failed:
             raise TransferError(f"Mooncake write to {desc.session} failed ({failed} of {len(lens)} pieces)")
 
@@ -94,7 +97,7 @@ class MooncakeSender(SenderBackend):
         with self._lock:
             stuck, self._stuck = self._stuck, []
         for batches, sources, regs in stuck:
-            batches = [b for b in batches if self.engine.transfer_check_status(b) == 0]
+            batches = [b for b in batches if self.engine.transfer_check_status(b) in _MOVING]
             if batches:
                 with self._lock:
                     self._stuck.append((batches, sources, regs))
@@ -115,6 +118,11 @@ class MooncakeSender(SenderBackend):
                 self._regs[region] = n
 
 
+# transfer_check_status: 1 completed, -1 failed (both final, the handle freed); 0 waiting, -2 overdue
+# (a slice past Mooncake's delivery timeout, but still waiting: its bytes may yet land)
+_MOVING = (0, -2)
+
+
 def wait(engine, batches: list[int], budget_s: float, session: str) -> int:
     """Poll Mooncake `batches` (`transfer_submit_write` handles) until each completed or failed;
     returns how many failed. Sleeps between rounds grow with the time waited (1/16 of it, at most 1
@@ -126,9 +134,9 @@ def wait(engine, batches: list[int], budget_s: float, session: str) -> int:
         pending = []
         for b in batches:
             rc = engine.transfer_check_status(b)
-            if rc == 0:
+            if rc in _MOVING:
                 pending.append(b)
-            elif rc < 0:  # -1 failed, -2 timed out in the transport
+            elif rc < 0:
                 failed += 1
         batches = pending
         waited = time.monotonic() - start
