@@ -5,6 +5,8 @@ moving keeps the room's blocks quarantined."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -16,53 +18,55 @@ from transfer.backends.base import TransferError, Write
 pytestmark = pytest.mark.slow
 
 
-def test_mooncake_write_waits_for_its_bytes_even_when_the_work_beside_it_fails(make_receiver):
+@pytest.fixture
+def block(make_receiver):
+    """A Mooncake receiver with a room of one 4 MiB block, a sender's backend, and 4 MiB of random
+    rows with where they go (`offset`) and a view of the pool there (`landed()`)."""
     rx = make_receiver("mooncake", hidden=4096, num_deepstack=1, block_size=256, num_blocks=2)
     d = rx.open_room(256)
     tx = TransferSender()
-    try:
-        backend = tx.backend("mooncake")
-        conn = tx._get(d.control)
-        rb = d.buffers["embeddings"].row_bytes
-        src = np.random.default_rng(0).integers(1, 255, 256 * rb, dtype=np.uint8)  # 4 MiB
-        offset = d.block_ids[0] * 256 * rb
-        calls = []
-
-        def fail():
-            calls.append(bytes(rx.buffers.embeddings.view(-1).view(torch.uint8)[offset : offset + 8]))
-            raise RuntimeError("work beside the write failed")
-
-        with pytest.raises(RuntimeError, match="beside the write"):
-            backend.write(conn, d, d.room, [Write("embeddings", offset, src)], while_writing=fail)
-        # the work ran while the write was under way, and the call returned only once it had landed
-        assert len(calls) == 1
-        pool = rx.buffers.embeddings.view(-1).view(torch.uint8)[offset : offset + src.nbytes]
-        assert torch.equal(pool, torch.from_numpy(src))
-        # and with nothing to write, the work still runs
-        backend.write(conn, d, d.room, [], while_writing=lambda: calls.append(b""))
-        assert len(calls) == 2
-        conn.close()
-    finally:
-        tx.close()
+    rb = d.buffers["embeddings"].row_bytes
+    offset = d.block_ids[0] * 256 * rb
+    src = np.random.default_rng(0).integers(1, 255, 256 * rb, dtype=np.uint8)
+    pool = rx.buffers.embeddings.view(-1).view(torch.uint8)
+    yield SimpleNamespace(
+        rx=rx,
+        d=d,
+        tx=tx,
+        backend=tx.backend("mooncake"),
+        src=src,
+        offset=offset,
+        landed=lambda n=src.nbytes: pool[offset : offset + n],
+    )
+    tx.close()
 
 
-def test_mooncake_write_the_receiver_cannot_take_fails_and_the_next_one_lands(make_receiver):
-    rx = make_receiver("mooncake", hidden=4096, num_deepstack=1, block_size=256, num_blocks=2)
-    d = rx.open_room(256)
-    tx = TransferSender()
-    try:
-        backend = tx.backend("mooncake")
-        rb = d.buffers["embeddings"].row_bytes
-        src = np.random.default_rng(1).integers(1, 255, 256 * rb, dtype=np.uint8)
-        beyond = rx.buffers.embeddings.numel() * 4  # just past the registered region
-        with pytest.raises(TransferError, match="failed"):
-            backend.write(None, d, d.room, [Write("embeddings", beyond, src)])
-        offset = d.block_ids[0] * 256 * rb
-        backend.write(None, d, d.room, [Write("embeddings", offset, src)])
-        pool = rx.buffers.embeddings.view(-1).view(torch.uint8)[offset : offset + src.nbytes]
-        assert torch.equal(pool, torch.from_numpy(src))
-    finally:
-        tx.close()
+def test_mooncake_write_waits_for_its_bytes_even_when_the_work_beside_it_fails(block):
+    b, calls = block, []
+    conn = b.tx._get(b.d.control)
+
+    def fail():
+        calls.append(bytes(b.landed(8)))
+        raise RuntimeError("work beside the write failed")
+
+    with pytest.raises(RuntimeError, match="beside the write"):
+        b.backend.write(conn, b.d, b.d.room, [Write("embeddings", b.offset, b.src)], while_writing=fail)
+    # the work ran while the write was under way, and the call returned only once it had landed
+    assert len(calls) == 1
+    assert torch.equal(b.landed(), torch.from_numpy(b.src))
+    # and with nothing to write, the work still runs
+    b.backend.write(conn, b.d, b.d.room, [], while_writing=lambda: calls.append(b""))
+    assert len(calls) == 2
+    conn.close()
+
+
+def test_mooncake_write_the_receiver_cannot_take_fails_and_the_next_one_lands(block):
+    b = block
+    beyond = b.rx.buffers.embeddings.numel() * 4  # just past the registered region
+    with pytest.raises(TransferError, match="failed"):
+        b.backend.write(None, b.d, b.d.room, [Write("embeddings", beyond, b.src)])
+    b.backend.write(None, b.d, b.d.room, [Write("embeddings", b.offset, b.src)])
+    assert torch.equal(b.landed(), torch.from_numpy(b.src))
 
 
 class _HeldEngine:
