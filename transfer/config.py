@@ -89,4 +89,10 @@ class SenderSettings(BaseModel):
         4, ge=1, description="cut a write batch into about this many parallel pieces (Mooncake workers)"
     )
     mooncake_min_piece_bytes: int = Field(256 * 1024, ge=4096, description="never cut pieces smaller")
+    mooncake_write_retries: int = Field(
+        1,
+        ge=0,
+        description="send failed pieces again this often (Mooncake fails the writes that meet a "
+        "connection the receiver has just reset; the next attempt opens a new one)",
+    )
     max_idle_sockets: int = Field(8, ge=0, description="pooled control connections kept per receiver")

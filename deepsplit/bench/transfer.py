@@ -102,7 +102,7 @@ class RawMooncake:
             assert self.eng.transfer_sync_write(self.session, self.src.data_ptr(), self.addr, nbytes) == 0
         else:
             batch = self.eng.transfer_submit_write(self.session, self.src.data_ptr(), self.addr, nbytes)
-            assert batch and self.wait(self.eng, [batch], 60.0, self.session) == 0
+            assert batch and self.wait(self.eng, [batch], 60.0, self.session) == []
         return time.perf_counter() - t
 
     def close(self) -> None:

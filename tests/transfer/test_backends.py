@@ -1,7 +1,7 @@
-"""Backend contracts with real engines: work handed to `write` as `while_writing` runs while the
-bytes move, and a failure in it never lets an out-of-band write outlive the call; a write the
-receiver cannot take fails without spoiling the next; a write given up while its bytes may still be
-moving keeps the room's blocks quarantined."""
+"""Backend contracts with real engines: work handed to `write` as `while_writing` runs while the bytes
+move, and a failure in it never lets an out-of-band write outlive the call; a write the receiver
+cannot take fails without spoiling the next (whose pieces may meet a reset connection and are sent
+again); a write given up while its bytes may still be moving keeps the room's blocks quarantined."""
 
 from __future__ import annotations
 
@@ -65,6 +65,8 @@ def test_mooncake_write_the_receiver_cannot_take_fails_and_the_next_one_lands(bl
     beyond = b.rx.buffers.embeddings.numel() * 4  # just past the registered region
     with pytest.raises(TransferError, match="failed"):
         b.backend.write(None, b.d, b.d.room, [Write("embeddings", beyond, b.src)])
+    # the receiver may have reset the connections that carried the refused pieces: the next write's
+    # pieces that meet one fail, and are sent again (mooncake_write_retries) on new ones
     b.backend.write(None, b.d, b.d.room, [Write("embeddings", b.offset, b.src)])
     assert torch.equal(b.landed(), torch.from_numpy(b.src))
 

@@ -14,6 +14,7 @@ import zmq
 
 from transfer import BlockAllocator, BufferSpec, MultimodalDataBuffers, PoolExhausted
 from transfer import messages as m
+from transfer.backends.base import TransferError, Write, WriteInFlight
 from transfer.buffers import Run, runs
 from transfer.payload import AuxRecord
 
@@ -169,19 +170,21 @@ def test_zmq_rows_go_in_about_one_mib_messages_and_the_seal_rides_with_the_last(
 
 
 class _ScriptedEngine:
-    """Stands in for Mooncake's engine: submits return handles, `status[handle]` is what
-    `transfer_check_status` answers (0 waiting, -2 overdue, 1 done, -1 failed), registrations counted."""
+    """Stands in for Mooncake's engine: the k-th submitted piece answers `outcomes[k]` (default 1) to
+    `transfer_check_status` (0 waiting, -2 overdue, 1 done, -1 failed); `status` can be changed;
+    registrations are counted."""
 
-    def __init__(self, refuse_submit_after: int = 99, start_as: int = 1) -> None:
+    def __init__(self, outcomes=(), refuse_submit_after: int = 99) -> None:
         self.status: dict[int, int] = {}
         self.registered: list[int] = []
-        self.refuse_after, self.start_as = refuse_submit_after, start_as
+        self.outcomes, self.refuse_after = list(outcomes), refuse_submit_after
 
     def transfer_submit_write(self, session, src, dst, n):
-        if len(self.status) >= self.refuse_after:
+        k = len(self.status)
+        if k >= self.refuse_after:
             return 0
-        self.status[len(self.status) + 1] = self.start_as
-        return len(self.status)
+        self.status[k + 1] = self.outcomes[k] if k < len(self.outcomes) else 1
+        return k + 1
 
     def transfer_check_status(self, handle):
         return self.status[handle]
@@ -194,38 +197,50 @@ class _ScriptedEngine:
         self.registered.remove(addr)
 
 
-def _rdma_sender(engine):
+def _rdma_sender(engine, retries: int = 1):
+    """A Mooncake sender (RDMA: sources registered) around a scripted engine, in 16 KiB pieces."""
     from transfer import SenderSettings
     from transfer.backends.mooncake_backend import MooncakeSender
 
-    tx = MooncakeSender.__new__(MooncakeSender)  # no real engine: the logic around it is under test
-    s = SenderSettings(mooncake_min_piece_bytes=4096)
-    tx.engine, tx.register_sources, tx.pieces, tx.min_piece = engine, True, 4, s.mooncake_min_piece_bytes
-    tx.timeout_s, tx._regs, tx._stuck, tx._lock = 0.05, {}, [], threading.Lock()
+    s = SenderSettings(
+        mooncake_protocol="rdma", mooncake_min_piece_bytes=4096, mooncake_write_retries=retries
+    )
+    tx = MooncakeSender(s, engine=engine)
+    tx.timeout_s = 0.05
     desc = SimpleNamespace(session="peer", buffers={"embeddings": SimpleNamespace(addr=1 << 30)})
-    return tx, desc
+    return tx, desc, [Write("embeddings", 0, np.zeros(64 << 10, np.uint8))]
 
 
 def test_mooncake_write_that_cannot_start_every_piece_waits_for_the_rest_and_unregisters():
-    from transfer.backends.base import TransferError, Write
-
     eng = _ScriptedEngine(refuse_submit_after=2)
-    tx, desc = _rdma_sender(eng)
-    src = np.zeros(64 << 10, np.uint8)
+    tx, desc, writes = _rdma_sender(eng)
     with pytest.raises(TransferError, match="could not start"):
-        tx.write(None, desc, "r", [Write("embeddings", 0, src)])
+        tx.write(None, desc, "r", writes)
     assert len(eng.status) == 2 and eng.registered == []  # the two that started were waited for
 
 
-def test_mooncake_write_overdue_past_the_budget_is_in_flight_and_keeps_its_sources():
-    from transfer.backends.base import Write, WriteInFlight
+def test_mooncake_pieces_that_failed_are_sent_again_once():
+    eng = _ScriptedEngine(outcomes=[1, -1, 1, -1])
+    tx, desc, writes = _rdma_sender(eng)
+    tx.write(None, desc, "r", writes)  # pieces 2 and 4 failed, went again, landed
+    assert len(eng.status) == 6 and eng.registered == []
+    eng = _ScriptedEngine(outcomes=[1, -1, 1, 1, -1])
+    tx, desc, writes = _rdma_sender(eng)
+    with pytest.raises(TransferError, match=r"failed \(1 of 4 pieces\)"):
+        tx.write(None, desc, "r", writes)  # piece 2 failed twice
+    assert len(eng.status) == 5 and eng.registered == []
+    tx, desc, writes = _rdma_sender(_ScriptedEngine(outcomes=[-1]), retries=0)
+    with pytest.raises(TransferError, match=r"failed \(1 of 4 pieces\)"):
+        tx.write(None, desc, "r", writes)
 
-    eng = _ScriptedEngine(start_as=-2)
-    tx, desc = _rdma_sender(eng)
-    src = np.zeros(64 << 10, np.uint8)
+
+def test_mooncake_write_overdue_past_the_budget_is_in_flight_and_keeps_its_sources():
+    eng = _ScriptedEngine(outcomes=[-2] * 4)
+    tx, desc, writes = _rdma_sender(eng)
     with pytest.raises(WriteInFlight) as e:
-        tx.write(None, desc, "r", [Write("embeddings", 0, src)])
+        tx.write(None, desc, "r", writes)
     assert len(e.value.pending) == 4  # overdue is not over: its bytes may still land
+    src = writes[0].src
     assert eng.registered == [src.ctypes.data] and tx._stuck[0][1][0] is src
     tx._reap()
     assert len(tx._stuck) == 1  # still moving

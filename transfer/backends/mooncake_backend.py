@@ -6,10 +6,12 @@ pieces (Mooncake's TCP transport moves one transfer as 64 KiB chunks one after a
 separate connections keep several chunks in flight), does the caller's work meanwhile, then polls
 them to the end. Polled, not waited for with Mooncake's blocking calls: those spin a core on the
 status until the transfer ends, which on a small host takes that core from the transport threads
-that move the bytes (interleaved here: rooms of 1 / 16 MiB 2.51 -> 2.05 / 12.7 -> 9.4 ms, the
-caller spending 2-25x less CPU per write; one write polled is level with `transfer_sync_write` at
-1 MiB and 1.1-1.8x faster from 4 MiB). Protocol `tcp` here, `rdma` where NICs exist (then sources
-are registered too, ref-counted, for the write's duration).
+that move the bytes (interleaved here: rooms of 1 / 16 MiB 2.51 -> 2.05 / 12.7 -> 9.4 ms, the caller
+spending 2-25x less CPU per write; one write polled is level with `transfer_sync_write` at 1 MiB and
+1.1-1.8x faster from 4 MiB). Pieces that failed are sent once more (`mooncake_write_retries`):
+Mooncake fails the pieces that meet a connection the receiver has just reset, and opens a new one
+for the next attempt. Protocol `tcp` here, `rdma` where NICs exist (then sources are registered too,
+ref-counted, for the write's duration).
 """
 
 from __future__ import annotations
@@ -41,11 +43,12 @@ class MooncakeSender(SenderBackend):
     name = "mooncake"
     writes_out_of_band = True
 
-    def __init__(self, settings) -> None:
-        self.engine = _engine(settings.host, settings.mooncake_protocol, settings.mooncake_device)
+    def __init__(self, settings, engine=None) -> None:
+        self.engine = engine or _engine(settings.host, settings.mooncake_protocol, settings.mooncake_device)
         self.register_sources = settings.mooncake_protocol != "tcp"
         self.pieces, self.min_piece = settings.mooncake_write_pieces, settings.mooncake_min_piece_bytes
         self.timeout_s = max(5.0, float(os.environ.get("MC_TRANSFER_TIMEOUT", 30)))  # as Mooncake's own
+        self.retries = settings.mooncake_write_retries
         self._regs: dict[tuple[int, int], int] = {}
         self._stuck: list[tuple[list[int], list, list]] = []  # given-up writes: batches, sources, regs
         self._lock = threading.Lock()
@@ -66,21 +69,30 @@ class MooncakeSender(SenderBackend):
             self.min_piece,
         )
         self._reap()
-        failed, submitted, reffed, moving = 0, [], [], False
+        todo, reffed, moving = list(zip(srcs, dsts, lens, strict=True)), [], False
+        budget = self.timeout_s + sum(lens) * 1e-9
         try:
             for r in regs:
                 self._ref(r, +1)
                 reffed.append(r)
-            try:
-                for s, d, n in zip(srcs, dsts, lens, strict=True):
-                    batch = self.engine.transfer_submit_write(desc.session, s, d, n)
-                    if not batch:
-                        raise TransferError(f"Mooncake could not start a write to {desc.session}")
-                    submitted.append(batch)
-                if while_writing is not None:
-                    while_writing()
-            finally:  # whatever happened, return only once every submitted byte landed or failed
-                failed = wait(self.engine, submitted, self.timeout_s + sum(lens) * 1e-9, desc.session)
+            for attempt in range(1 + self.retries):
+                handles: list[int] = []
+                try:
+                    self._submit(desc.session, todo, handles)
+                    if attempt == 0 and while_writing is not None:
+                        while_writing()
+                finally:  # whatever happened, return only once every submitted byte landed or failed
+                    failed = wait(self.engine, handles, budget, desc.session)
+                todo = [todo[i] for i in failed]
+                if not todo:
+                    break
+                log.warning(
+                    "Mooncake write to %s: %d of %d pieces failed%s",
+                    desc.session,
+                    len(todo),
+                    len(handles),
+                    ", sending them again" if attempt < self.retries else "",
+                )
         except WriteInFlight as e:  # the engine may still read the sources: keep them alive
             moving = True
             with self._lock:
@@ -89,8 +101,19 @@ class MooncakeSender(SenderBackend):
         finally:
             for r in reffed if not moving else []:
                 self._ref(r, -1)
-        if failed:
-            raise TransferError(f"Mooncake write to {desc.session} failed ({failed} of {len(lens)} pieces)")
+        if todo:
+            raise TransferError(
+                f"Mooncake write to {desc.session} failed ({len(todo)} of {len(lens)} pieces)"
+            )
+
+    def _submit(self, session: str, pieces: list[tuple[int, int, int]], handles: list[int]) -> None:
+        """Start every (src, dst, nbytes) piece, appending its handle as it starts (so the caller can
+        wait for those that did if a later one cannot start)."""
+        for src, dst, n in pieces:
+            h = self.engine.transfer_submit_write(session, src, dst, n)
+            if not h:
+                raise TransferError(f"Mooncake could not start a write to {session}")
+            handles.append(h)
 
     def _reap(self) -> None:
         """Let go of given-up writes whose pieces have all ended since (sources, registrations)."""
@@ -123,31 +146,31 @@ class MooncakeSender(SenderBackend):
 _MOVING = (0, -2)
 
 
-def wait(engine, batches: list[int], budget_s: float, session: str) -> int:
+def wait(engine, batches: list[int], budget_s: float, session: str) -> list[int]:
     """Poll Mooncake `batches` (`transfer_submit_write` handles) until each completed or failed;
-    returns how many failed. Sleeps between rounds grow with the time waited (1/16 of it, at most 1
+    returns the positions of those that failed. Sleeps between rounds grow with the time waited (1/16 of it, at most 1
     ms), so a write ends at most a few percent late and the poll leaves the transport threads their
     cores. Past `budget_s` (the sender's: Mooncake's own budget for a synchronous write,
     `MC_TRANSFER_TIMEOUT` 30 s plus 1 s per GiB) it raises `WriteInFlight` with what is pending."""
-    start, failed = time.monotonic(), 0
-    while batches:
-        pending = []
-        for b in batches:
+    start, failed, pending = time.monotonic(), [], list(enumerate(batches))
+    while pending:
+        moving = []
+        for i, b in pending:
             rc = engine.transfer_check_status(b)
             if rc in _MOVING:
-                pending.append(b)
+                moving.append((i, b))
             elif rc < 0:
-                failed += 1
-        batches = pending
+                failed.append(i)
+        pending = moving
         waited = time.monotonic() - start
-        if batches and waited > budget_s:
+        if pending and waited > budget_s:
             raise WriteInFlight(
-                f"Mooncake write to {session}: {len(batches)} pieces still moving after {waited:.1f}s",
-                batches,
+                f"Mooncake write to {session}: {len(pending)} pieces still moving after {waited:.1f}s",
+                [b for _, b in pending],
             )
-        if batches:
+        if pending:
             time.sleep(min(1e-3, waited / 16))
-    return failed
+    return sorted(failed)
 
 
 def split(writes: list[tuple[int, int, int]], pieces: int, min_piece: int) -> tuple[list, list, list]:
