@@ -42,6 +42,15 @@ class EncodeSettings(BaseModel):
     )
     mooncake_protocol: str = Field("tcp", description="Mooncake transport: tcp | rdma")
     mooncake_device: str = Field("", description="RDMA device names for Mooncake (empty for tcp)")
+    mooncake_write_pieces: int = Field(
+        4, ge=1, description="Mooncake: cut a room's rows into about this many parallel writes"
+    )
+    mooncake_min_piece_bytes: int = Field(
+        256 * 1024, ge=4096, description="Mooncake: never cut pieces smaller"
+    )
+    mooncake_write_retries: int = Field(
+        1, ge=0, description="Mooncake: send pieces that failed again this often before the room fails"
+    )
     register_with: list[str] = Field(
         default_factory=list, description="language servers to announce this encoder to (self-registration)"
     )

@@ -45,6 +45,9 @@ class EncodeService:
                 host=settings.transfer_host,
                 mooncake_protocol=settings.mooncake_protocol,
                 mooncake_device=settings.mooncake_device,
+                mooncake_write_pieces=settings.mooncake_write_pieces,
+                mooncake_min_piece_bytes=settings.mooncake_min_piece_bytes,
+                mooncake_write_retries=settings.mooncake_write_retries,
             )
         )
         self.limits = ImageLimits(

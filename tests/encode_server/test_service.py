@@ -65,3 +65,18 @@ def test_refused_request_fails_its_room_at_once(service, receiver, messages, sta
     with pytest.raises(RoomFailed, match="encoder: bad_request"):
         receiver.wait_room(desc.room, 5)  # failed by the encoder's Abort, not by a deadline
     assert receiver.stats()["blocks_free"] == 32
+
+
+def test_mooncake_write_settings_reach_the_sender(tiny_model_dir):
+    settings = EncodeSettings(
+        model=str(tiny_model_dir),
+        mooncake_write_pieces=2,
+        mooncake_min_piece_bytes=8192,
+        mooncake_write_retries=0,
+    )
+    svc = EncodeService(settings, EncodeMetrics())
+    try:
+        s = svc.sender.settings
+        assert (s.mooncake_write_pieces, s.mooncake_min_piece_bytes, s.mooncake_write_retries) == (2, 8192, 0)
+    finally:
+        svc.close()
