@@ -35,6 +35,7 @@ from transfer.config import SenderSettings
 from transfer.payload import AuxRecord, MultimodalPayload, checksum, room_tag
 
 log = logging.getLogger(__name__)
+ABORT_LINGER_MS = 1000  # how long a closed connection may still take to deliver its Abort
 
 
 class TransferFailed(RuntimeError):
@@ -111,8 +112,9 @@ class _Conn:
             self._stash.append(msg)
         return None
 
-    def close(self) -> None:
-        self.sock.close(0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close now; with `linger_ms`, what is still queued (an Abort) may go out meanwhile."""
+        self.sock.close(linger_ms)
 
 
 class TransferSender:
@@ -347,7 +349,9 @@ class TransferSender:
             conn.sock.send(m.encode(m.Abort(room=room, reason=reason[:500])), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
-        conn.close()  # never reuse a connection that may hold stale frames
+        # never reuse a connection that may hold stale frames; closing at once would drop the
+        # queued Abort (LINGER 0), and the receiver would hold the room until its deadline
+        conn.close(ABORT_LINGER_MS)
 
     def close(self) -> None:
         with self._lock:

@@ -248,3 +248,24 @@ def test_mooncake_write_overdue_past_the_budget_is_in_flight_and_keeps_its_sourc
         eng.status[h] = 1
     tx._reap()
     assert tx._stuck == [] and eng.registered == []
+
+
+def test_an_aborting_sender_lets_its_abort_out_before_the_connection_goes():
+    from transfer.sender import TransferSender
+
+    class Sock:
+        def __init__(self):
+            self.calls = []
+
+        def send(self, data, flags=0):
+            self.calls.append(("send", m.decode(data)))
+
+        def close(self, linger=None):
+            self.calls.append(("close", linger))
+
+    conn = SimpleNamespace(sock=Sock())
+    conn.close = lambda linger_ms=0: conn.sock.close(linger_ms)
+    TransferSender._abort(None, conn, "r1", "encoder gave up")
+    (what, msg), (closed, linger) = conn.sock.calls
+    assert what == "send" and isinstance(msg, m.Abort) and msg.room == "r1"
+    assert closed == "close" and linger >= 100  # 0 would drop the queued Abort
