@@ -148,10 +148,11 @@ _MOVING = (0, -2)
 
 def wait(engine, batches: list[int], budget_s: float, session: str) -> list[int]:
     """Poll Mooncake `batches` (`transfer_submit_write` handles) until each completed or failed;
-    returns the positions of those that failed. Sleeps between rounds grow with the time waited (1/16 of it, at most 1
-    ms), so a write ends at most a few percent late and the poll leaves the transport threads their
-    cores. Past `budget_s` (the sender's: Mooncake's own budget for a synchronous write,
-    `MC_TRANSFER_TIMEOUT` 30 s plus 1 s per GiB) it raises `WriteInFlight` with what is pending."""
+    returns the positions of those that failed. Sleeps between rounds grow with the time waited
+    (1/16 of it, at most 1 ms), so a write ends at most a few percent late and the poll leaves the
+    transport threads their cores. Past `budget_s` (the sender's: Mooncake's own budget for a
+    synchronous write, `MC_TRANSFER_TIMEOUT` 30 s plus 1 s per GiB) it raises `WriteInFlight` with
+    what is pending."""
     start, failed, pending = time.monotonic(), [], list(enumerate(batches))
     while pending:
         moving = []
