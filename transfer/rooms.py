@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -124,6 +125,18 @@ class RoomTable:
                     self.alloc.free(blocks)
                     self.counters["quarantine_timeouts"] += 1
             return [r for r in self.rooms.values() if r.state is not State.DONE and r.deadline <= now]
+
+    def next_due(self, now: float, retry_s: float) -> float:
+        """When `expired` next has work (a room's deadline, a quarantine's end), or `now + retry_s`
+        while a room waits for blocks to resume; inf if never."""
+        with self.lock:
+            due = min((q[0] for q in self._quarantine.values()), default=math.inf)
+            for r in self.rooms.values():
+                if r.want is not None:
+                    due = min(due, now + retry_s, r.deadline)
+                elif r.state is not State.DONE:
+                    due = min(due, r.deadline)
+            return due
 
     def waiting_resume(self) -> list[Room]:
         with self.lock:
