@@ -232,6 +232,11 @@ def measure(contenders: dict, sizes: list[int], args) -> dict[str, dict[int, flo
     return out
 
 
+def _after_gap(raw_zmq: RawZmq, args) -> float:
+    time.sleep(args.gap_ms / 1e3)
+    return raw_zmq.once(1)
+
+
 def _gibs(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 2**30
 
@@ -273,9 +278,10 @@ def run(args: argparse.Namespace) -> int:
             contenders["raw zmq+copy"] = RawZmq(max(sizes), copy_into=True)
             contenders["zmq wire floor"] = ZmqWireFloor(max(sizes))
             contenders["ours zmq"] = Ours("zmq", sizes)
-        rtt = None
+        rtt = rtt_idle = None
         if "raw zmq" in contenders:  # the floor of any one control round trip between the two processes
             rtt = statistics.median(contenders["raw zmq"].once(1) for _ in range(300))
+            rtt_idle = statistics.median(_after_gap(contenders["raw zmq"], args) for _ in range(60))
         secs = measure(contenders, sizes, args)
     finally:
         for c in contenders.values():
@@ -297,7 +303,10 @@ def run(args: argparse.Namespace) -> int:
     for k in ratios:
         print(f"{k:>30} " + " ".join(f"{r[k]:>7.2f}" for r in rows))
     if rtt is not None:
-        print(f"a 1-byte ZMQ round trip between the two processes: {rtt * 1e6:.0f} us (median)")
+        print(
+            f"a 1-byte ZMQ round trip between the two processes: {rtt * 1e6:.0f} us back to back, "
+            f"{rtt_idle * 1e6:.0f} us after the {args.gap_ms:g} ms gap every contender waits (medians)"
+        )
     big = [r for r in rows if r["bytes"] >= 2**20]
     for k in ratios:
         if big and ("floor" in k or "polled" in k):
@@ -314,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
                 {
                     "payload_row_bytes": peers.ROW_BYTES,
                     "zmq_round_trip_s": rtt,
+                    "zmq_round_trip_after_gap_s": rtt_idle,
                     "claim_ahead_s": args.claim_ahead_ms / 1e3,
                     "rows": rows,
                 },

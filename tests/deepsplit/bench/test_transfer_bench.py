@@ -38,4 +38,5 @@ def test_bench_transfer_reports_every_series(tmp_path):
         assert row["ratio raw mooncake polled"] == pytest.approx(want)
         # the receiver verified the rows before the sender heard so: ready never after the Ack
         assert row["ours zmq, rows ready"]["seconds"] <= row["ours zmq"]["seconds"] * 1.5
-    assert data["zmq_round_trip_s"] > 0
+    assert data["zmq_round_trip_s"] > 0 and data["zmq_round_trip_after_gap_s"] > 0
+    assert "us after the 1 ms gap every contender waits" in res.stdout
