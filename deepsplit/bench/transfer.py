@@ -2,7 +2,8 @@
 
 For each payload size (64 KiB .. 256 MiB) in one run: our `TransferSender` -> `TransferReceiver` in
 another process, Mooncake's bare `transfer_sync_write` of the same bytes between two processes (and,
-as a reference, the same write submitted and polled as our backend waits for its writes), bare
+as references, the same write submitted and polled as our backend waits for its writes, and cut into
+our backend's pieces with no control message: with the idle round trip, a bound for a room), bare
 ZMQ PUSH/PULL of the same bytes with a one-byte ack back (also with the receive copy into a pool a
 receiver of rows must make), the smallest Python exchange with our ZMQ wire shape ("zmq wire floor":
 header + one frame per buffer into a pool, crc, ack; none of our bookkeeping), and a local memcpy.
@@ -84,9 +85,12 @@ class Memcpy:
 class RawMooncake:
     """Mooncake's bare `transfer_sync_write` into a buffer registered by another process; `polled`:
     the same single write submitted (`transfer_submit_write`) and polled as our backend polls (a
-    reference: Mooncake's blocking calls spin a core until the write ends)."""
+    reference: Mooncake's blocking calls spin a core until the write ends); `pieces`: also cut into
+    pieces as our backend cuts a batch (its default settings), with no control message at all (a
+    reference: what our room costs beyond its write)."""
 
-    def __init__(self, max_bytes: int, polled: bool = False) -> None:
+    def __init__(self, max_bytes: int, polled: bool = False, pieces: bool = False) -> None:
+        from transfer import SenderSettings
         from transfer.backends.mooncake_backend import _engine, wait
 
         self.proc, self.conn = _spawn(peers.raw_mooncake_target, max_bytes)
@@ -94,15 +98,25 @@ class RawMooncake:
         self.eng = _engine("127.0.0.1", "tcp", "")
         self.src = torch.randn(max_bytes // 4 + 1).view(torch.uint8)
         assert self.eng.register_memory(self.src.data_ptr(), self.src.numel()) == 0
-        self.wait = wait if polled else None
+        self.wait = wait if polled or pieces else None
+        settings = SenderSettings()
+        self.pieces = (
+            (settings.mooncake_write_pieces, settings.mooncake_min_piece_bytes) if pieces else (1, 0)
+        )
 
     def once(self, nbytes: int) -> float:
+        from transfer.backends.mooncake_backend import split
+
         t = time.perf_counter()
         if self.wait is None:
             assert self.eng.transfer_sync_write(self.session, self.src.data_ptr(), self.addr, nbytes) == 0
         else:
-            batch = self.eng.transfer_submit_write(self.session, self.src.data_ptr(), self.addr, nbytes)
-            assert batch and self.wait(self.eng, [batch], 60.0, self.session) == []
+            srcs, dsts, lens = split([(self.src.data_ptr(), self.addr, nbytes)], *self.pieces)
+            batches = [
+                self.eng.transfer_submit_write(self.session, a, b, n)
+                for a, b, n in zip(srcs, dsts, lens, strict=True)
+            ]
+            assert all(batches) and self.wait(self.eng, batches, 60.0, self.session) == []
         return time.perf_counter() - t
 
     def close(self) -> None:
@@ -250,9 +264,8 @@ def _ratios(row: dict, backends: list[str]) -> dict[str, float]:
             if name.startswith(f"ours {b}"):
                 out[f"ratio {name[5:]}"] = row[name]["gib_s"] / row[f"raw {b}"]["gib_s"]
         if b == "mooncake":
-            out["ratio raw mooncake polled"] = (
-                row["raw mooncake polled"]["gib_s"] / row["raw mooncake"]["gib_s"]
-            )
+            for ref in ("raw mooncake polled", "mooncake pieces"):
+                out[f"ratio {ref}"] = row[ref]["gib_s"] / row["raw mooncake"]["gib_s"]
         if b == "zmq":
             out["ratio zmq vs raw+copy"] = row["ours zmq"]["gib_s"] / row["raw zmq+copy"]["gib_s"]
             out["ratio zmq wire floor"] = row["zmq wire floor"]["gib_s"] / row["raw zmq"]["gib_s"]
@@ -269,6 +282,7 @@ def run(args: argparse.Namespace) -> int:
         if "mooncake" in backends:
             contenders["raw mooncake"] = RawMooncake(max(sizes))
             contenders["raw mooncake polled"] = RawMooncake(max(sizes), polled=True)
+            contenders["mooncake pieces"] = RawMooncake(max(sizes), pieces=True)
             contenders["ours mooncake"] = Ours("mooncake", sizes)
             contenders["ours mooncake claimed"] = Ours(
                 "mooncake", sizes, claim_ahead_s=args.claim_ahead_ms / 1e3
@@ -293,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
             rows_moved = name.startswith(("ours", "zmq wire floor"))
             row[name] = {"seconds": t[s], "gib_s": _gibs(moved[s] if rows_moved else s, t[s])}
         row.update(_ratios(row, backends))
+        if rtt_idle is not None and "mooncake pieces" in secs:  # no room with a round trip beats it
+            row["bound mooncake"] = secs["raw mooncake"][s] / (secs["mooncake pieces"][s] + rtt_idle)
         rows.append(row)
     names = list(secs)
     print("GiB/s (medians); ours = the sender's send; 'rows ready' = send began -> receiver verified")
@@ -307,9 +323,16 @@ def run(args: argparse.Namespace) -> int:
             f"a 1-byte ZMQ round trip between the two processes: {rtt * 1e6:.0f} us back to back, "
             f"{rtt_idle * 1e6:.0f} us after the {args.gap_ms:g} ms gap every contender waits (medians)"
         )
+    if rows and "bound mooncake" in rows[0]:
+        print(
+            f"{'bound mooncake':>30} "
+            + " ".join(f"{r['bound mooncake']:>7.2f}" for r in rows)
+            + "   (raw / (pieces + the idle round trip): what any room with a control round trip"
+            " after its write could reach here)"
+        )
     big = [r for r in rows if r["bytes"] >= 2**20]
     for k in ratios:
-        if big and ("floor" in k or "polled" in k):
+        if big and ("floor" in k or "polled" in k or "pieces" in k):
             print(
                 f"{k[6:]} (a reference, not ours): lowest /raw for payloads >= 1 MiB: {min(r[k] for r in big):.2f}"
             )

@@ -20,9 +20,11 @@ def test_bench_transfer_reports_every_series(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "worst ours/raw for payloads >= 1 MiB" in res.stdout
     assert "raw mooncake polled (a reference, not ours)" in res.stdout
+    assert "mooncake pieces (a reference, not ours)" in res.stdout and "bound mooncake" in res.stdout
     data = json.loads(out.read_text())
     assert [r["bytes"] for r in data["rows"]] == [64 * 1024, 1 << 20]
-    series = ["memcpy", "raw mooncake", "raw mooncake polled", "ours mooncake", "ours mooncake, rows ready"]
+    series = ["memcpy", "raw mooncake", "raw mooncake polled", "mooncake pieces", "ours mooncake"]
+    series += ["ours mooncake, rows ready"]
     series += ["ours mooncake claimed", "ours mooncake claimed, rows ready"]
     series += ["raw zmq", "raw zmq+copy", "zmq wire floor", "ours zmq", "ours zmq, rows ready"]
     for row in data["rows"]:
@@ -34,8 +36,11 @@ def test_bench_transfer_reports_every_series(tmp_path):
             assert row[f"ratio {b}"] == pytest.approx(want)
         want = row["zmq wire floor"]["gib_s"] / row["raw zmq"]["gib_s"]
         assert row["ratio zmq wire floor"] == pytest.approx(want)
-        want = row["raw mooncake polled"]["gib_s"] / row["raw mooncake"]["gib_s"]
-        assert row["ratio raw mooncake polled"] == pytest.approx(want)
+        for ref in ("raw mooncake polled", "mooncake pieces"):
+            want = row[ref]["gib_s"] / row["raw mooncake"]["gib_s"]
+            assert row[f"ratio {ref}"] == pytest.approx(want)
+        raw, pieces = row["raw mooncake"]["seconds"], row["mooncake pieces"]["seconds"]
+        assert row["bound mooncake"] == pytest.approx(raw / (pieces + data["zmq_round_trip_after_gap_s"]))
         # the receiver verified the rows before the sender heard so: ready never after the Ack
         assert row["ours zmq, rows ready"]["seconds"] <= row["ours zmq"]["seconds"] * 1.5
     assert data["zmq_round_trip_s"] > 0 and data["zmq_round_trip_after_gap_s"] > 0
