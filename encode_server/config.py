@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from copy import copy
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from transfer import SenderSettings
 
 
 class EncodeSettings(BaseModel):
@@ -42,15 +46,10 @@ class EncodeSettings(BaseModel):
     )
     mooncake_protocol: str = Field("tcp", description="Mooncake transport: tcp | rdma")
     mooncake_device: str = Field("", description="RDMA device names for Mooncake (empty for tcp)")
-    mooncake_write_pieces: int = Field(
-        4, ge=1, description="Mooncake: cut a room's rows into about this many parallel writes"
-    )
-    mooncake_min_piece_bytes: int = Field(
-        256 * 1024, ge=4096, description="Mooncake: never cut pieces smaller"
-    )
-    mooncake_write_retries: int = Field(
-        1, ge=0, description="Mooncake: send pieces that failed again this often before the room fails"
-    )
+    # the sender's own settings, defaults and bounds included (passed through unchanged)
+    mooncake_write_pieces: int = copy(SenderSettings.model_fields["mooncake_write_pieces"])
+    mooncake_min_piece_bytes: int = copy(SenderSettings.model_fields["mooncake_min_piece_bytes"])
+    mooncake_write_retries: int = copy(SenderSettings.model_fields["mooncake_write_retries"])
     register_with: list[str] = Field(
         default_factory=list, description="language servers to announce this encoder to (self-registration)"
     )

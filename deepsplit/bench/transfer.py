@@ -91,27 +91,25 @@ class RawMooncake:
 
     def __init__(self, max_bytes: int, polled: bool = False, pieces: bool = False) -> None:
         from transfer import SenderSettings
-        from transfer.backends.mooncake_backend import _engine, wait
+        from transfer.backends.mooncake_backend import _engine, split, wait
 
         self.proc, self.conn = _spawn(peers.raw_mooncake_target, max_bytes)
         self.session, self.addr = self.conn.recv()
         self.eng = _engine("127.0.0.1", "tcp", "")
         self.src = torch.randn(max_bytes // 4 + 1).view(torch.uint8)
         assert self.eng.register_memory(self.src.data_ptr(), self.src.numel()) == 0
-        self.wait = wait if polled or pieces else None
+        self.wait, self.split = (wait if polled or pieces else None), split
         settings = SenderSettings()
         self.pieces = (
             (settings.mooncake_write_pieces, settings.mooncake_min_piece_bytes) if pieces else (1, 0)
         )
 
     def once(self, nbytes: int) -> float:
-        from transfer.backends.mooncake_backend import split
-
         t = time.perf_counter()
         if self.wait is None:
             assert self.eng.transfer_sync_write(self.session, self.src.data_ptr(), self.addr, nbytes) == 0
         else:
-            srcs, dsts, lens = split([(self.src.data_ptr(), self.addr, nbytes)], *self.pieces)
+            srcs, dsts, lens = self.split([(self.src.data_ptr(), self.addr, nbytes)], *self.pieces)
             batches = [
                 self.eng.transfer_submit_write(self.session, a, b, n)
                 for a, b, n in zip(srcs, dsts, lens, strict=True)
