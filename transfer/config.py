@@ -77,6 +77,13 @@ class ReceiverSettings(BaseModel):
     checksum: Literal["meta", "full"] = Field(
         "meta", description="meta: ids+positions crc32 and lengths; full: also every vision/deepstack byte"
     )
+    keep_freed_heap_bytes: int = Field(
+        128 * 2**20,
+        ge=0,
+        description="glibc: keep up to this much freed heap per malloc arena, so the buffers libzmq "
+        "mallocs for each received message are reused, not faulted in again every room (0: leave "
+        "malloc alone; see transfer/heap.py)",
+    )
 
 
 class SenderSettings(BaseModel):

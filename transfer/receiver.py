@@ -29,6 +29,7 @@ from transfer.allocator import BlockAllocator
 from transfer.backends import receiver_backend
 from transfer.buffers import NAMES, MultimodalDataBuffers, runs
 from transfer.config import BufferSpec, ReceiverSettings
+from transfer.heap import keep_freed_heap
 from transfer.payload import AuxRecord, room_tag, signed32
 from transfer.rooms import Room, RoomFailed, RoomTable, State
 
@@ -64,6 +65,7 @@ class TransferReceiver:
         self.buffers = MultimodalDataBuffers(spec)
         self.allocator = BlockAllocator(spec.num_blocks)
         self.rooms = RoomTable(self.allocator, settings.stale_write_guard_s)
+        keep_freed_heap(settings.keep_freed_heap_bytes)
         self.backend = receiver_backend(settings.backend, settings)
         self.session, addrs = self.backend.register(self.buffers.regions())
         self._row_bytes = {n: self.buffers.row_bytes(n) for n in NAMES}
