@@ -16,12 +16,14 @@ from encode_server.config import EncodeSettings
 from encode_server.metrics import EncodeMetrics
 from encode_server.protocol import CONTENT_TYPE, EncodeResponse, decode_request, encode
 from encode_server.service import EncodeService
+from transfer.heap import keep_freed_heap
 
 log = logging.getLogger(__name__)
 STATUS_CODES = {"ok": 200, "bad_request": 400, "overloaded": 503, "transfer_failed": 502, "error": 500}
 
 
 def build_app(settings: EncodeSettings) -> FastAPI:
+    keep_freed_heap(settings.malloc_keep_freed_bytes)
     metrics = EncodeMetrics()
     service = EncodeService(settings, metrics)
     limiter = anyio.CapacityLimiter(settings.max_concurrent_requests)

@@ -17,6 +17,12 @@ class EncodeSettings(BaseModel):
     port: int = Field(30001, ge=0, le=65535)
     dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")
+    malloc_keep_freed_bytes: int = Field(
+        128 * 2**20,
+        ge=0,
+        description="glibc: freed heap kept per malloc arena for reuse instead of faulted in again "
+        "(vision activations); 0: glibc's default",
+    )
     max_batch_patches: int = Field(16384, ge=1, description="patch budget of one batched vision forward")
     cache_bytes: int = Field(256 * 2**20, ge=0, description="embedding cache size (LRU by bytes); 0 disables")
     max_pixels: int | None = Field(

@@ -58,10 +58,11 @@ class LanguageSettings(BaseModel):
         gt=0,
         description="Mooncake: a failed room's blocks wait for its sender to report back, at most this",
     )
-    transfer_keep_freed_heap_bytes: int = Field(
+    malloc_keep_freed_bytes: int = Field(
         128 * 2**20,
         ge=0,
-        description="glibc: freed heap kept per malloc arena, so ZMQ's receive buffers are reused (0: off)",
+        description="glibc: freed heap kept per malloc arena for reuse instead of faulted in again "
+        "(prefill activations, ZMQ receive buffers); 0: glibc's default",
     )
     dtype: str | None = Field(None, description="float32 | bfloat16 (default: the checkpoint's)")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch default)")

@@ -65,7 +65,9 @@ def build_engine(settings: LanguageSettings) -> BuiltEngine:
     from language_server.engine.engine import Engine
     from language_server.engine.runner import ModelRunner
     from language_server.engine.scheduler import Scheduler
+    from transfer import heap
 
+    heap.keep_freed_heap(settings.malloc_keep_freed_bytes)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     lm, cfg = load_language_model(settings.model, dtype=settings.dtype)

@@ -59,7 +59,7 @@ class DisaggregatedProvider(MultimodalProvider):
                 room_ttl_s=settings.transfer_ttl_s,
                 stale_write_guard_s=settings.transfer_stale_write_guard_s,
                 grow_on_begin=settings.mm_grow_on_begin,
-                keep_freed_heap_bytes=settings.transfer_keep_freed_heap_bytes,
+                keep_freed_heap_bytes=settings.malloc_keep_freed_bytes,
             ),
         )
         self.pool = EncoderPool(
