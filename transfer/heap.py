@@ -6,7 +6,8 @@ one zeroed 4 KiB page at a time, ~5 us a page on this VM (a fresh 28 MiB buffer:
 against 5 ms reused). Two hot paths free and re-allocate the same sizes over and over: libzmq
 receives each message into a buffer it mallocs (it cannot receive into ours) that the receiver
 copies into the pool and frees, ~120 page faults per 4 MiB ZMQ room and ~1100 per 16 MiB room here;
-and a prefill's activations, ~7000 page faults per 512-token prefill of the small preset.
+and a prefill's activations, 8000-15000 page faults per 512-token prefill of the small preset
+(median prefill 466 -> 416 ms with them kept, five alternating pairs of processes).
 `keep_freed_heap(n)` sets the trim threshold to `n` bytes (freed memory up to that stays for reuse)
 and the mmap threshold to glibc's own upper bound for its dynamic one, 32 MiB on 64-bit (setting
 either by hand turns the dynamic one off), so every allocation glibc's default would serve from a
