@@ -76,6 +76,10 @@ class TransferReceiver:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        # a sender that reconnects (its link went down and came back) keeps its identity; without
+        # handover the ROUTER refuses the new connection while the old one looks alive, and that
+        # sender's Done or Abort - what ends a quarantine - would be lost
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         if settings.control_port:
             self._sock.bind(f"tcp://{settings.host}:{settings.control_port}")
             self.control = f"tcp://{settings.host}:{settings.control_port}"

@@ -36,6 +36,10 @@ from transfer.payload import AuxRecord, MultimodalPayload, checksum, room_tag
 
 log = logging.getLogger(__name__)
 ABORT_LINGER_MS = 1000  # how long a closed connection may still take to deliver its Abort
+# ... when the room was written out of band: that last Done/Abort is what ends the receiver's
+# quarantine of the room's blocks, so after a partition it must outlast TCP's retransmission backoff
+# (at most 120 s on Linux), not be dropped a second after the link came back
+REPORT_LINGER_MS = 150_000
 
 
 class TransferFailed(RuntimeError):
@@ -179,12 +183,12 @@ class TransferSender:
             if isinstance(e, WriteInFlight):  # bytes may still land: say nothing, it stays quarantined
                 conn.close()
             else:
-                self._abort(conn, desc.room, str(e))
+                self._abort(conn, desc.room, str(e), self._linger(backend))
             raise TransferFailed(
                 str(e) if isinstance(e, TransferFailed) else f"room {desc.room}: {e}"
             ) from None
         except BaseException:
-            self._abort(conn, desc.room, "sender error")
+            self._abort(conn, desc.room, "sender error", self._linger(backend))
             raise
         self._put(conn)
         res.seconds, res.started_at = time.monotonic() - t0, t0
@@ -320,7 +324,7 @@ class TransferSender:
         with self._lock:
             claim = self._claims.pop(desc.room, None)
         if claim is not None:  # the claimed room's receiver takes an Abort only from the claimant
-            return self._abort(claim.conn, desc.room, reason)
+            return self._abort(claim.conn, desc.room, reason, REPORT_LINGER_MS)
         try:
             conn = self._get(desc.control)
             conn.sock.send(m.encode(m.Abort(room=desc.room, reason=reason[:500])), zmq.NOBLOCK)
@@ -344,14 +348,22 @@ class TransferSender:
                 return
         conn.close()
 
-    def _abort(self, conn: _Conn, room: str, reason: str) -> None:
+    @staticmethod
+    def _linger(backend) -> int:
+        """How long a failed room's connection keeps trying to deliver what it still holds: long for
+        out-of-band writes (only small control messages, and the last of them ends a quarantine);
+        short for ZMQ (the frames still queued hold the payload's memory)."""
+        return REPORT_LINGER_MS if backend.writes_out_of_band else ABORT_LINGER_MS
+
+    def _abort(self, conn: _Conn, room: str, reason: str, linger_ms: int = ABORT_LINGER_MS) -> None:
         try:
             conn.sock.send(m.encode(m.Abort(room=room, reason=reason[:500])), zmq.NOBLOCK)
         except zmq.ZMQError:
             pass
         # never reuse a connection that may hold stale frames; closing at once would drop the
-        # queued Abort (LINGER 0), and the receiver would hold the room until its deadline
-        conn.close(ABORT_LINGER_MS)
+        # queued Abort (LINGER 0), and the receiver would hold the room until its deadline (ZMQ)
+        # or its quarantine guard (Mooncake); closing does not wait for the linger
+        conn.close(linger_ms)
 
     def close(self) -> None:
         with self._lock:
