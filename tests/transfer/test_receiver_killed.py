@@ -27,13 +27,13 @@ from transfer.rooms import State
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", BACKENDS)]
 HIDDEN, NDS, BLOCK = 1024, 3, 64
 DEADLINE_S = 3.0
+SPEC = BufferSpec(hidden=HIDDEN, num_deepstack=NDS, block_size=BLOCK, num_blocks=32)
 
 
 def dying_receiver(conn, backend: str, when: str, rows: int) -> None:
     """Open a room for `rows`, hand its descriptor over, then SIGKILL this process once the room is
     receiving (`moving`, a few ms into its rows) or waiting for blocks to resume (`resume`)."""
-    spec = BufferSpec(hidden=HIDDEN, num_deepstack=NDS, block_size=BLOCK, num_blocks=32)
-    rx = TransferReceiver(spec, ReceiverSettings(backend=backend, grow_on_begin=False))
+    rx = TransferReceiver(SPEC, ReceiverSettings(backend=backend, grow_on_begin=False))
     if when == "resume":
         rx.open_room(BLOCK * 30)  # the pool is left with 2 blocks: the room's resume must wait
     d = rx.open_room(BLOCK * 2 if when == "resume" else rows)
@@ -72,8 +72,7 @@ def test_sender_reports_a_killed_receiver_within_the_deadline(backend, when):
         assert p.exitcode == -signal.SIGKILL, "the receiver was not killed mid-transfer"
         assert took < DEADLINE_S + 2, f"the sender took {took:.1f}s to report a dead receiver"
         # the sender still serves: a fresh receiver gets a room right after
-        spec = BufferSpec(hidden=HIDDEN, num_deepstack=NDS, block_size=BLOCK, num_blocks=32)
-        rx = TransferReceiver(spec, ReceiverSettings(backend=backend))
+        rx = TransferReceiver(SPEC, ReceiverSettings(backend=backend))
         try:
             small = make_payload(4, 100, 40, HIDDEN, NDS, "float32")
             d = rx.open_room(100)
