@@ -173,6 +173,9 @@ class TransferReceiver:
         }
 
     def close(self) -> None:
+        """Fail every room, close the sockets and the backend; a second call does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._wake()
         self._thread.join(timeout=5)

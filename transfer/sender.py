@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from transfer import messages as m
 from transfer.backends import SenderBackend, TransferError, Write, WriteInFlight, sender_backend
@@ -40,6 +41,10 @@ ABORT_LINGER_MS = 1000  # how long a closed connection may still take to deliver
 # quarantine of the room's blocks, so after a partition it must outlast TCP's retransmission backoff
 # (at most 120 s on Linux), not be dropped a second after the link came back
 REPORT_LINGER_MS = 150_000
+# how often a room waiting for an answer looks at its connection's state: a receiver that died is
+# noticed this long after its kernel reset the connection (a partition still waits for the deadline)
+LOSS_CHECK_MS = 100
+_LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
 class TransferFailed(RuntimeError):
@@ -65,13 +70,17 @@ class _Claim:
 
 
 class _Conn:
-    """One DEALER connection to a receiver's control socket, used by one room at a time."""
+    """One DEALER connection to a receiver's control socket, used by one room at a time. A monitor on
+    it sees the connection drop (the receiver's process died: its kernel reset the connection), so a
+    room waiting for an answer fails within `LOSS_CHECK_MS` instead of at its deadline."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        self._monitor = self.sock.get_monitor_socket(_LINK_EVENTS)
+        self._down: str | None = None  # why the link is down now (None: up, or still connecting)
         self.sock.connect(endpoint)
         self._stash: list = []  # answers of the current room read early by `aborted`
 
@@ -90,10 +99,15 @@ class _Conn:
     def _recv(self, room: str, deadline: float, kind: type):
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(max(1, int(left * 1000))):
+            if left <= 0:
                 raise TransferFailed(
                     f"room {room}: no {kind.__name__} from {self.endpoint} before the deadline"
                 )
+            if not self.sock.poll(max(1, min(LOSS_CHECK_MS, int(left * 1000)))):
+                down = self.link_down()
+                if down is not None:
+                    raise TransferFailed(f"room {room}: {down} while waiting for {kind.__name__}")
+                continue
             try:
                 msg = m.decode(self.sock.recv())
             except m.BadMessage as e:
@@ -101,6 +115,19 @@ class _Conn:
                 continue
             if msg.room == room:
                 return msg  # else: a late answer for an earlier room on this connection
+
+    def link_down(self) -> str | None:
+        """Why the connection is down now (the receiver closed or reset it, or refuses connections),
+        None while it is up or still being set up; reads the monitor's pending events."""
+        while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._down = None
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._down = f"the connection to {self.endpoint} was closed (receiver gone?)"
+            elif event == zmq.EVENT_CONNECT_RETRIED and self._down is None:
+                self._down = f"{self.endpoint} refuses connections (receiver gone?)"
+        return self._down
 
     def aborted(self, room: str) -> str | None:
         """A refusal/abort for `room` already waiting (checked between chunks); other answers are kept."""
@@ -118,6 +145,8 @@ class _Conn:
 
     def close(self, linger_ms: int = 0) -> None:
         """Close now; with `linger_ms`, what is still queued (an Abort) may go out meanwhile."""
+        self.sock.disable_monitor()
+        self._monitor.close(0)
         self.sock.close(linger_ms)
 
 
@@ -334,11 +363,15 @@ class TransferSender:
         self._put(conn)
 
     def _get(self, endpoint: str) -> _Conn:
-        with self._lock:
-            idle = self._idle.get(endpoint)
-            if idle:
-                return idle.pop()
-        return _Conn(self._ctx, endpoint)
+        while True:
+            with self._lock:
+                idle = self._idle.get(endpoint)
+                conn = idle.pop() if idle else None
+            if conn is None:
+                return _Conn(self._ctx, endpoint)
+            if conn.link_down() is None:
+                return conn
+            conn.close()  # its receiver went away while it was idle: a fresh one finds a new one
 
     def _put(self, conn: _Conn) -> None:
         with self._lock:

@@ -1,6 +1,7 @@
-"""A receiver process killed mid-transfer: the sender reports the room failed within its deadline,
-never hangs, and goes on serving other receivers. The receiver kills itself (SIGKILL) at a chosen
-point of a real room: while the rows are moving, or while the room waits for a resume."""
+"""A receiver process killed mid-transfer: the sender reports the room failed as soon as it sees the
+connection reset (long before its deadline), never hangs, and goes on serving other receivers. The
+receiver kills itself (SIGKILL) at a chosen point of a real room: while the rows are moving, or while
+the room waits for a resume."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from transfer.rooms import State
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("backend", BACKENDS)]
 HIDDEN, NDS, BLOCK = 1024, 3, 64
-DEADLINE_S = 3.0
+DEADLINE_S = 20.0
 SPEC = BufferSpec(hidden=HIDDEN, num_deepstack=NDS, block_size=BLOCK, num_blocks=32)
 
 
@@ -70,7 +71,7 @@ def test_sender_reports_a_killed_receiver_within_the_deadline(backend, when):
         print(f"{backend}/{when}: failed after {took:.2f}s: {failed.value}")
         p.join(10)
         assert p.exitcode == -signal.SIGKILL, "the receiver was not killed mid-transfer"
-        assert took < DEADLINE_S + 2, f"the sender took {took:.1f}s to report a dead receiver"
+        assert took < DEADLINE_S / 4, f"the sender took {took:.1f}s to report a dead receiver"
         # the sender still serves: a fresh receiver gets a room right after
         rx = TransferReceiver(SPEC, ReceiverSettings(backend=backend))
         try:
