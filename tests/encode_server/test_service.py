@@ -1,8 +1,11 @@
 """EncodeService with a real transfer receiver in this process (ZMQ): a good request delivers its
 rows into the room; a request the encoder refuses fails its room at once (the encoder abandons it),
-so the language side never waits for rows that will not come and the blocks are back at once."""
+so the language side never waits for rows that will not come and the blocks are back at once; a
+receiver gone before the rows go makes the encoder answer at once, not at the deadline."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -65,6 +68,25 @@ def test_refused_request_fails_its_room_at_once(service, receiver, messages, sta
     with pytest.raises(RoomFailed, match="encoder: bad_request"):
         receiver.wait_room(desc.room, 5)  # failed by the encoder's Abort, not by a deadline
     assert receiver.stats()["blocks_free"] == 32
+
+
+def test_a_language_node_gone_fails_the_request_long_before_its_deadline(service, receiver):
+    """The language node's receiver closes after handing out its descriptor (its process died): the
+    encoder's send sees the connection closed and answers at once instead of holding its slot for the
+    request's 20 s deadline."""
+    desc = receiver.open_room(64)
+    req = EncodeRequest(
+        room=desc.room,
+        messages=image_message("What?", [data_url(make_image(32, 48, 2))]),
+        descriptor=descriptor_to_builtins(desc),
+        deadline_s=20,
+    )
+    receiver.close()
+    t = time.monotonic()
+    resp = service.handle(req)
+    took = time.monotonic() - t
+    assert resp.status == "transfer_failed" and "receiver gone" in resp.message, resp
+    assert took < 5, f"the encoder answered after {took:.1f}s: {resp.message}"
 
 
 def test_mooncake_write_settings_reach_the_sender(tiny_model_dir):
