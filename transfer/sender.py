@@ -41,9 +41,12 @@ ABORT_LINGER_MS = 1000  # how long a closed connection may still take to deliver
 # quarantine of the room's blocks, so after a partition it must outlast TCP's retransmission backoff
 # (at most 120 s on Linux), not be dropped a second after the link came back
 REPORT_LINGER_MS = 150_000
-# how often a room waiting for an answer looks at its connection's state: a receiver that died is
-# noticed this long after its kernel reset the connection (a partition still waits for the deadline)
+# a room waiting for an answer looks at its connection every LOSS_CHECK_MS and fails once it has been
+# down (closed, reset, refused) for LOSS_GRACE_S without reconnecting: a receiver that died is noticed
+# ~0.6 s after its kernel reset the connection, one restarted at the same address within the grace
+# gets the room's queued messages (a partition resets nothing: it still waits for the deadline)
 LOSS_CHECK_MS = 100
+LOSS_GRACE_S = 0.5
 _LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
 
 
@@ -72,7 +75,7 @@ class _Claim:
 class _Conn:
     """One DEALER connection to a receiver's control socket, used by one room at a time. A monitor on
     it sees the connection drop (the receiver's process died: its kernel reset the connection), so a
-    room waiting for an answer fails within `LOSS_CHECK_MS` instead of at its deadline."""
+    room waiting for an answer fails once it stayed down `LOSS_GRACE_S`, not at its deadline."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -81,6 +84,7 @@ class _Conn:
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
         self._monitor = self.sock.get_monitor_socket(_LINK_EVENTS)
         self._down: str | None = None  # why the link is down now (None: up, or still connecting)
+        self._down_since = 0.0
         self.sock.connect(endpoint)
         self._stash: list = []  # answers of the current room read early by `aborted`
 
@@ -104,7 +108,7 @@ class _Conn:
                     f"room {room}: no {kind.__name__} from {self.endpoint} before the deadline"
                 )
             if not self.sock.poll(max(1, min(LOSS_CHECK_MS, int(left * 1000)))):
-                down = self.link_down()
+                down = self.link_down(LOSS_GRACE_S)
                 if down is not None:
                     raise TransferFailed(f"room {room}: {down} while waiting for {kind.__name__}")
                 continue
@@ -116,18 +120,26 @@ class _Conn:
             if msg.room == room:
                 return msg  # else: a late answer for an earlier room on this connection
 
-    def link_down(self) -> str | None:
-        """Why the connection is down now (the receiver closed or reset it, or refuses connections),
-        None while it is up or still being set up; reads the monitor's pending events."""
+    def link_down(self, grace_s: float = 0.0) -> str | None:
+        """Why the connection has been down for at least `grace_s` (the receiver closed or reset it,
+        or refuses connections), else None (up, still being set up, or down too briefly: libzmq
+        reconnects every 100 ms, and a receiver restarted at the same address takes the room's
+        queued messages); reads the monitor's pending events, so "down since" is the first call
+        that saw it (a waiting room calls it every `LOSS_CHECK_MS`)."""
         while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
                 self._down = None
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._down = f"the connection to {self.endpoint} was closed (receiver gone?)"
-            elif event == zmq.EVENT_CONNECT_RETRIED and self._down is None:
-                self._down = f"{self.endpoint} refuses connections (receiver gone?)"
-        return self._down
+            elif self._down is None and event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED):
+                self._down_since = time.monotonic()
+                self._down = (
+                    f"the connection to {self.endpoint} was closed (receiver gone?)"
+                    if event == zmq.EVENT_DISCONNECTED
+                    else f"{self.endpoint} refuses connections (receiver gone?)"
+                )
+        if self._down is not None and time.monotonic() - self._down_since >= grace_s:
+            return self._down
+        return None
 
     def aborted(self, room: str) -> str | None:
         """A refusal/abort for `room` already waiting (checked between chunks); other answers are kept."""
