@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
+import zmq
 
 from tests.transfer.peer import SenderProcess
 from transfer import BufferSpec, ReceiverSettings, TransferReceiver
@@ -42,3 +44,20 @@ def wait_until(pred, timeout: float = 10.0, what: str = "condition") -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on (yet)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def once_port_free(bind, what: str):
+    """`bind()` retried until it succeeds: a closed ZMQ socket's port is released asynchronously."""
+    for _ in range(100):
+        try:
+            return bind()
+        except zmq.ZMQError:
+            time.sleep(0.05)
+    raise AssertionError(f"{what} never came free")

@@ -5,12 +5,9 @@ receiver restarted on the same port."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
-import zmq
 
-from tests.transfer.conftest import BACKENDS, wait_until
+from tests.transfer.conftest import BACKENDS, once_port_free, wait_until
 from tests.transfer.peer import make_payload
 from transfer import BufferSpec, ReceiverSettings, RoomFailed, TransferReceiver, descriptor_to_builtins
 
@@ -104,14 +101,9 @@ def test_stale_descriptor_after_restart_on_the_same_port_is_refused(backend, sen
     send_ok(a, sender, 1)
     stale = descriptor_to_builtins(a.open_room(SHAPE[0]))
     a.close()
-    b = None
-    for _ in range(100):  # the old socket's port is released asynchronously
-        try:
-            b = TransferReceiver(spec, ReceiverSettings(backend=backend, control_port=port))
-            break
-        except zmq.ZMQError:
-            time.sleep(0.05)
-    assert b is not None, f"port {port} never came free"
+    b = once_port_free(
+        lambda: TransferReceiver(spec, ReceiverSettings(backend=backend, control_port=port)), f"port {port}"
+    )
     try:
         status, info = sender.send(stale, 2, SHAPE, deadline_s=5)
         assert status == "failed" and "another receiver" in info, info

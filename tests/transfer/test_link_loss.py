@@ -5,13 +5,12 @@ to its predecessor notwithstanding. (A receiver killed mid-transfer: test_receiv
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import zmq
 
-from tests.transfer.conftest import BACKENDS
+from tests.transfer.conftest import BACKENDS, free_port, once_port_free
 from transfer import TransferSender, descriptor_to_builtins
 from transfer.sender import LOSS_GRACE_S, _Conn
 
@@ -19,12 +18,6 @@ pytestmark = pytest.mark.slow
 each_backend = pytest.mark.parametrize("backend", BACKENDS)
 DEADLINE_S = 20.0
 SHAPE = (40, 20, 64, 3, "float32")  # rows, vision rows, hidden, deepstack layers, dtype
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @each_backend
@@ -45,14 +38,7 @@ def test_a_room_of_a_closed_receiver_fails_long_before_its_deadline(backend, mak
 def test_a_receiver_restarted_at_the_same_address_is_served(backend, make_receiver, sender):
     port = free_port()
     for seed in range(3):  # each time the sender holds a pooled connection to the one before
-        rx = None
-        for _ in range(100):  # a closed receiver's port is released asynchronously
-            try:
-                rx = make_receiver(backend, control_port=port)
-                break
-            except zmq.ZMQError:
-                time.sleep(0.05)
-        assert rx is not None, f"port {port} never came free"
+        rx = once_port_free(lambda: make_receiver(backend, control_port=port), f"port {port}")
         d = descriptor_to_builtins(rx.open_room(40))
         status, info = sender.send(d, seed, SHAPE, deadline_s=DEADLINE_S)
         assert status == "ok", f"incarnation {seed}: {info}"
@@ -86,6 +72,16 @@ def test_an_idle_connection_whose_receiver_went_away_is_replaced():
         sender.close()
 
 
+def router_at(ctx: zmq.Context, port: int) -> zmq.Socket:
+    s = ctx.socket(zmq.ROUTER)
+    try:
+        s.bind(f"tcp://127.0.0.1:{port}")
+    except zmq.ZMQError:
+        s.close(0)
+        raise
+    return s
+
+
 def test_a_link_is_lost_only_once_down_for_the_grace():
     """A connection that drops and comes back within `LOSS_GRACE_S` (a receiver restarted at the same
     address) does not fail its room; one that stays down does."""
@@ -100,14 +96,7 @@ def test_a_link_is_lost_only_once_down_for_the_grace():
         time.sleep(0.1)
         assert conn.link_down() is not None, "the monitor did not see the receiver go"
         assert conn.link_down(LOSS_GRACE_S) is None, "down for less than the grace, and already lost"
-        for _ in range(100):  # the closed socket's port is released asynchronously
-            try:
-                router = ctx.socket(zmq.ROUTER)
-                router.bind(f"tcp://127.0.0.1:{port}")
-                break
-            except zmq.ZMQError:
-                router.close(0)
-                time.sleep(0.05)
+        router = once_port_free(lambda: router_at(ctx, port), f"port {port}")
         time.sleep(0.5)  # libzmq reconnects every 100 ms
         assert conn.link_down() is None, "the connection did not come back"
         router.close(0)

@@ -5,13 +5,12 @@ the outage (real sockets on loopback; the outage is a port nobody listens on yet
 
 from __future__ import annotations
 
-import socket
 import time
 from types import SimpleNamespace
 
 import zmq
 
-from tests.transfer.conftest import wait_until
+from tests.transfer.conftest import free_port, wait_until
 from tests.transfer.test_malformed import answer
 from transfer import messages as m
 from transfer.sender import ABORT_LINGER_MS, REPORT_LINGER_MS, TransferSender, _Conn
@@ -43,12 +42,6 @@ def test_a_sender_that_reconnected_still_ends_its_quarantine(make_receiver):
     finally:
         old.close()
         new.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_failed_out_of_band_room_keeps_its_report_queued_through_an_outage():
