@@ -89,7 +89,8 @@ class Data(_Msg, tag="data"):
 
     Fast path (the rows fit the descriptor's blocks): the first Data of a room also claims it
     (`receiver_id`, `total_rows`, as Begin would) and the last carries the `done` seal, so a whole
-    room is one message and its Ack."""
+    room is one message and its Ack. Each buffer's rows come in request order (the receiver
+    refuses a frame that skips or repeats rows, and a seal over rows that never came)."""
 
     segments: list[tuple[str, int, int]]
     receiver_id: str = ""  # set: this message claims the room (no Begin was sent)

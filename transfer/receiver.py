@@ -350,6 +350,9 @@ class TransferReceiver:
         for buffer, offset, nbytes in msg.segments:
             if reason is None:
                 reason = self._owns(room, buffer, offset, nbytes)
+            if reason is None and buffer != "aux":  # the seal is checked by its contents
+                rb = self._row_bytes[buffer]
+                reason = room.take_rows(buffer, offset // rb, (offset + nbytes) // rb, self.spec.block_size)
             if not self._sock.getsockopt(zmq.RCVMORE):
                 reason = reason or "fewer frames than segments"
                 break
@@ -358,7 +361,6 @@ class TransferReceiver:
             n = self._sock.recv_into(self._flat[buffer][offset : offset + nbytes])
             if n != nbytes:
                 reason = f"frame of {n} bytes announced as {nbytes}"
-            room.bytes_in += n
         self._skip_rest()
         if reason is not None and room is not None and room.state is State.RECEIVING:
             self._fail(room, f"bad data frame: {reason}")
@@ -377,7 +379,7 @@ class TransferReceiver:
         r0, r1 = offset // rb, (offset + nbytes) // rb
         if buffer == "aux":
             return None if (r0, r1) == (room.blocks[0], room.blocks[0] + 1) else "aux slot of another room"
-        bs, owned = self.spec.block_size, room.blocks
+        bs, owned = self.spec.block_size, room.positions()
         if all(b in owned for b in range(r0 // bs, (r1 - 1) // bs + 1)):
             return None
         return f"{buffer} rows {r0}..{r1} are not this room's"
@@ -409,12 +411,28 @@ class TransferReceiver:
         )
         self.rooms.done(room, result)
 
+    def _incomplete(self, room: Room, msg: m.Done) -> str | None:
+        """None if every row that travels on the control link arrived once: ids and positions
+        always, vision and deepstack rows too when the backend moves rows there (ZMQ)."""
+        counts = {"fill_ids": msg.total_rows, "mrope": msg.total_rows}
+        if self.backend.data_on_control:
+            counts.update(embeddings=msg.vision_rows, deepstack=msg.vision_rows)
+        for name, count in counts.items():
+            if self._row_bytes[name]:
+                reason = room.rows_missing(name, count)
+                if reason is not None:
+                    return f"torn write: {reason}"
+        return None
+
     def _verify(self, room: Room, msg: m.Done) -> str | None:
-        """None if the aux seal and the checksum match `msg` (this room's write, whole)."""
+        """None if the seal, the rows that came and the checksum match `msg` (this room's write, whole)."""
         if AuxRecord.unpack(self._aux_words[room.blocks[0]]) != AuxRecord(
             room.tag, msg.total_rows, msg.vision_rows, msg.mrope_delta, msg.num_images, msg.checksum
         ):
             return "aux record missing or does not match (torn or stale write)"
+        missing = self._incomplete(room, msg)
+        if missing is not None:
+            return missing
         full = self.settings.checksum == "full"
         parts = {"fill_ids": msg.total_rows, "mrope": msg.total_rows}
         if full:

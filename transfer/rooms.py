@@ -41,7 +41,41 @@ class Room:
     peer: bytes | None = None  # ZMQ identity of the sender connection that claimed it
     want: tuple[int, int] | None = None  # (blocks still needed, rows sent) while waiting to resume
     future: Future = field(default_factory=Future)
-    bytes_in: int = 0
+    # per buffer, the request row whose bytes are due next on the control link: rows come in request
+    # order, so a gap (a message lost when a connection dropped and came back, a sender's bug) is
+    # seen at the next frame, and a seal over rows that never came at the Done
+    next_row: dict[str, int] = field(default_factory=dict)
+    _pos: dict[int, int] = field(default_factory=dict, repr=False)  # block -> index in `blocks`
+
+    def take_rows(self, buffer: str, r0: int, r1: int, block_size: int) -> str | None:
+        """Pool rows [r0, r1) of `buffer` (in this room's blocks) are arriving: None if they are the
+        request rows due next (and then they are counted), else why not."""
+        pos, bs = self.positions(), block_size
+        b0, b1 = r0 // bs, (r1 - 1) // bs
+        start, due = pos[b0] * bs + r0 - b0 * bs, self.next_row.get(buffer, 0)
+        if start > due:
+            return f"{buffer} rows {due}..{start} never arrived"
+        if start < due:
+            return f"{buffer} rows {start}..{min(due, start + r1 - r0)} arrived twice"
+        if any(pos[b] != pos[b0] + b - b0 for b in range(b0 + 1, b1 + 1)):
+            return f"{buffer} pool rows {r0}..{r1} span blocks out of the room's order"
+        self.next_row[buffer] = start + r1 - r0
+        return None
+
+    def rows_missing(self, buffer: str, count: int) -> str | None:
+        """None if exactly request rows 0..count of `buffer` arrived."""
+        got = self.next_row.get(buffer, 0)
+        if got < count:
+            return f"{buffer} rows {got}..{count} never arrived"
+        if got > count:
+            return f"{buffer} rows {count}..{got} are beyond the sealed {count}"
+        return None
+
+    def positions(self) -> dict[int, int]:
+        """block -> its index in `blocks` (request rows index*block_size onwards)."""
+        if len(self._pos) != len(self.blocks):  # blocks are only ever appended (grow, resume)
+            self._pos = {b: i for i, b in enumerate(self.blocks)}
+        return self._pos
 
 
 class RoomTable:

@@ -17,6 +17,7 @@ from transfer import messages as m
 from transfer.backends.base import TransferError, Write, WriteInFlight
 from transfer.buffers import Run, runs
 from transfer.payload import AuxRecord
+from transfer.rooms import Room
 
 
 def test_allocator_prefers_consecutive_runs_and_extension():
@@ -57,6 +58,28 @@ def test_runs_merge_consecutive_blocks():
     assert runs([4, 5, 9], 8, 0, 20) == [Run(0, 32, 16), Run(16, 72, 4)]
     assert runs([4, 5, 9], 8, 10, 17) == [Run(10, 42, 6), Run(16, 72, 1)]
     assert runs([2], 8, 3, 3) == []
+
+
+def test_a_room_takes_each_buffers_rows_in_request_order_and_counts_them():
+    room = Room("r", [5, 2], deadline=0.0)  # request rows 0..3 in block 5, 4..7 in block 2
+    assert room.take_rows("embeddings", 8, 11, 4) == "embeddings rows 0..4 never arrived"  # block 2 first
+    assert room.take_rows("embeddings", 20, 24, 4) is None  # block 5: request rows 0..3
+    assert room.rows_missing("embeddings", 4) is None
+    assert room.rows_missing("embeddings", 7) == "embeddings rows 4..7 never arrived"
+    assert room.take_rows("embeddings", 21, 22, 4) == "embeddings rows 1..2 arrived twice"
+    assert room.take_rows("embeddings", 8, 11, 4) is None
+    room.blocks.append(9)  # a resume: request rows 8..11 in block 9
+    assert room.take_rows("embeddings", 11, 12, 4) is None and room.take_rows("embeddings", 36, 40, 4) is None
+    assert room.rows_missing("embeddings", 12) is None
+    assert room.rows_missing("embeddings", 10) == "embeddings rows 10..12 are beyond the sealed 10"
+    assert room.rows_missing("deepstack", 0) is None and room.next_row == {"embeddings": 12}
+    room = Room("r", [10, 11, 13, 12], deadline=0.0)  # blocks 11..13 are consecutive in the pool only
+    assert room.take_rows("fill_ids", 40, 44, 4) is None
+    assert (
+        room.take_rows("fill_ids", 44, 56, 4)
+        == "fill_ids pool rows 44..56 span blocks out of the room's order"
+    )
+    assert room.take_rows("fill_ids", 44, 48, 4) is None and room.next_row["fill_ids"] == 8
 
 
 def test_read_gives_views_for_consecutive_blocks_and_copies_otherwise():
