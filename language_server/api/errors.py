@@ -44,8 +44,25 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param, code)
 
 
+# pydantic names the union member it tried in `loc` ("str", "list[tagged-union[TextPart,ImagePart]]",
+# "function-after[...]") and, in a tagged union, the tag ("image_url" before ImagePart's own
+# "image_url" field): neither is part of the request's shape, so `param` leaves them out
+_BRANCH_LABELS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def from_validation(e: ValidationError) -> APIError:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith("function-"))
-    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+    """The most specific problem (the deepest location: of a union, the member the input came
+    closest to, such as a content part of an unknown type rather than "content: not a string")."""
+    errors = e.errors()
+    err = max(errors, key=lambda x: len(x["loc"]))  # the first of the deepest
+    parts: list[str] = []
+    for x in err["loc"]:
+        if not _branch(x) and (not parts or parts[-1] != str(x)):  # a tag equals its member's field
+            parts.append(str(x))
+    loc = ".".join(parts)
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return APIError(400, f"{loc or 'body'}: {err['msg']}{more}", loc or None, "invalid_value")
+
+
+def _branch(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part.startswith("function-") or part in _BRANCH_LABELS)
