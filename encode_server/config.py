@@ -56,6 +56,7 @@ class EncodeSettings(BaseModel):
     mooncake_write_pieces: int = copy(SenderSettings.model_fields["mooncake_write_pieces"])
     mooncake_min_piece_bytes: int = copy(SenderSettings.model_fields["mooncake_min_piece_bytes"])
     mooncake_write_retries: int = copy(SenderSettings.model_fields["mooncake_write_retries"])
+    link_timeout_s: float = copy(SenderSettings.model_fields["link_timeout_s"])
     register_with: list[str] = Field(
         default_factory=list, description="language servers to announce this encoder to (self-registration)"
     )

@@ -48,6 +48,7 @@ class EncodeService:
                 mooncake_write_pieces=settings.mooncake_write_pieces,
                 mooncake_min_piece_bytes=settings.mooncake_min_piece_bytes,
                 mooncake_write_retries=settings.mooncake_write_retries,
+                link_timeout_s=settings.link_timeout_s,
             )
         )
         self.limits = ImageLimits(

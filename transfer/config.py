@@ -103,3 +103,11 @@ class SenderSettings(BaseModel):
         "connection the receiver has just reset; the next attempt opens a new one)",
     )
     max_idle_sockets: int = Field(8, ge=0, description="pooled control connections kept per receiver")
+    link_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="a receiver whose host stops answering (it died, the network partitioned) is given "
+        "up after about this long: TCP keepalive probes on an idle control connection, "
+        "TCP_USER_TIMEOUT on one with bytes unacknowledged; the rooms waiting on it fail then, not at "
+        "their deadline. 0: the kernel's defaults (minutes to hours)",
+    )

@@ -77,11 +77,19 @@ class _Conn:
     it sees the connection drop (the receiver's process died: its kernel reset the connection), so a
     room waiting for an answer fails once it stayed down `LOSS_GRACE_S`, not at its deadline."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context, endpoint: str, link_timeout_s: float = 0.0) -> None:
         self.endpoint = endpoint
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        if (
+            link_timeout_s > 0
+        ):  # a silent peer (dead host, partition) ends the connection: the monitor sees it
+            self.sock.setsockopt(zmq.TCP_MAXRT, int(link_timeout_s * 1000))  # TCP_USER_TIMEOUT on Linux
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(link_timeout_s / 2)))
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(link_timeout_s / 6)))
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         self._monitor = self.sock.get_monitor_socket(_LINK_EVENTS)
         self._down: str | None = None  # why the link is down now (None: up, or still connecting)
         self._down_since = 0.0
@@ -380,7 +388,7 @@ class TransferSender:
                 idle = self._idle.get(endpoint)
                 conn = idle.pop() if idle else None
             if conn is None:
-                return _Conn(self._ctx, endpoint)
+                return _Conn(self._ctx, endpoint, self.settings.link_timeout_s)
             if conn.link_down() is None:
                 return conn
             conn.close()  # its receiver went away while it was idle: a fresh one finds a new one

@@ -89,16 +89,18 @@ def test_a_language_node_gone_fails_the_request_long_before_its_deadline(service
     assert took < 5, f"the encoder answered after {took:.1f}s: {resp.message}"
 
 
-def test_mooncake_write_settings_reach_the_sender(tiny_model_dir):
+def test_transfer_settings_reach_the_sender(tiny_model_dir):
     settings = EncodeSettings(
         model=str(tiny_model_dir),
         mooncake_write_pieces=2,
         mooncake_min_piece_bytes=8192,
         mooncake_write_retries=0,
+        link_timeout_s=3.5,
     )
     svc = EncodeService(settings, EncodeMetrics())
     try:
         s = svc.sender.settings
         assert (s.mooncake_write_pieces, s.mooncake_min_piece_bytes, s.mooncake_write_retries) == (2, 8192, 0)
+        assert s.link_timeout_s == 3.5
     finally:
         svc.close()

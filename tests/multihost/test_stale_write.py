@@ -1,5 +1,5 @@
 """A Mooncake write cut off by a network partition must never land in receive blocks that have been
-handed to another room. Bare transfer endpoints (tests/multihost/mooncake_peers.py) in two
+handed to another room. Bare transfer endpoints (tests/multihost/transfer_peers.py) in two
 namespaces: a 1 Mbit/s link, cut mid-write; the receiver aborts the room; a new room must get other
 blocks while the old sender may still write; when the link comes back and the old write finishes,
 the sender reports back and only then do the aborted room's blocks return to the pool.
@@ -8,61 +8,26 @@ the sender reports back and only then do the aborted room's blocks return to the
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.multihost.netns import Topology
+from tests.multihost.transfer_peers import Peer
 
 pytest.importorskip("mooncake.engine")
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 GUARD_S = 120.0  # far longer than the test: blocks must come back because the sender reported
-
-
-class Peer:
-    def __init__(self, net: Topology, node, logs: Path, *args: str) -> None:
-        cmd = ["ip", "netns", "exec", node.ns, sys.executable, "-m", "tests.multihost.mooncake_peers", *args]
-        self.log = open(logs / f"peer-{args[0]}.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            start_new_session=True,
-        )
-
-    def ask(self, line: str) -> dict:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self.answer()
-
-    def answer(self) -> dict:
-        out = self.proc.stdout.readline()
-        assert out, f"peer exited ({self.proc.poll()}); see {self.log.name}"
-        return json.loads(out)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self.log.close()
 
 
 def test_partitioned_mooncake_write_never_lands_in_reused_blocks(net, logs):
     lang, enc = net.nodes["lang"], net.nodes["enc1"]
-    rx = Peer(net, lang, logs, "receiver", lang.ip, str(GUARD_S))
+    rx = Peer(lang, logs, "receiver", lang.ip, str(GUARD_S))
     tx = None
     try:
         old = rx.ask("open old")
         with net.throttled([enc], "1mbit"):
             tx0 = net.tx_bytes(enc)
-            tx = Peer(net, enc, logs, "sender", enc.ip, json.dumps(old["descriptor"]))
+            tx = Peer(enc, logs, "sender", enc.ip, json.dumps(old["descriptor"]))
             end = time.monotonic() + 30
             while net.tx_bytes(enc) - tx0 < 200_000:  # a fifth of the rows are out
                 assert time.monotonic() < end and tx.proc.poll() is None, "the write did not start"
