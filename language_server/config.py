@@ -36,6 +36,13 @@ class LanguageSettings(BaseModel):
     encoder_probe_timeout_s: float = Field(
         5.0, gt=0, description="an encoder whose GET /health takes longer leaves the rotation"
     )
+    encoder_link_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        description="an encoder whose host stops answering mid-request (died, partitioned) is given up "
+        "after about this long (TCP keepalive / TCP_USER_TIMEOUT) and the request retried elsewhere; "
+        "0: the kernel's defaults",
+    )
     # data plane (disaggregated mode): where encoders push rows
     transfer_backend: Literal["mooncake", "zmq"] | None = Field(
         None, description="mooncake | zmq (default: mooncake where it imports, else zmq)"

@@ -111,3 +111,11 @@ class SenderSettings(BaseModel):
         "TCP_USER_TIMEOUT on one with bytes unacknowledged; the rooms waiting on it fail then, not at "
         "their deadline. 0: the kernel's defaults (minutes to hours)",
     )
+
+
+def dead_peer_tcp(timeout_s: float) -> tuple[int, int, int, int]:
+    """TCP keepalive idle and interval seconds, probe count and TCP_USER_TIMEOUT milliseconds with
+    which a connection to a peer that stopped answering (its host died, the network partitioned:
+    nothing resets it) ends after about `timeout_s`: probes when idle, the user timeout while bytes
+    are unacknowledged. A slow peer is not a silent one: its bytes keep being acknowledged."""
+    return max(1, int(timeout_s / 2)), max(1, int(timeout_s / 6)), 3, int(timeout_s * 1000)

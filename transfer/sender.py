@@ -32,7 +32,7 @@ from transfer import messages as m
 from transfer.backends import SenderBackend, TransferError, Write, WriteInFlight, sender_backend
 from transfer.backends.zmq_backend import send_on_control
 from transfer.buffers import runs
-from transfer.config import SenderSettings
+from transfer.config import SenderSettings, dead_peer_tcp
 from transfer.payload import AuxRecord, MultimodalPayload, checksum, room_tag
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,13 @@ class _Conn:
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
-        if (
-            link_timeout_s > 0
-        ):  # a silent peer (dead host, partition) ends the connection: the monitor sees it
-            self.sock.setsockopt(zmq.TCP_MAXRT, int(link_timeout_s * 1000))  # TCP_USER_TIMEOUT on Linux
+        if link_timeout_s > 0:  # a silent peer (dead host, partition) ends it: the monitor sees that
+            idle, interval, probes, user_timeout_ms = dead_peer_tcp(link_timeout_s)
             self.sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-            self.sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, max(1, int(link_timeout_s / 2)))
-            self.sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, max(1, int(link_timeout_s / 6)))
-            self.sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, idle)
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, interval)
+            self.sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, probes)
+            self.sock.setsockopt(zmq.TCP_MAXRT, user_timeout_ms)  # TCP_USER_TIMEOUT on Linux
         self._monitor = self.sock.get_monitor_socket(_LINK_EVENTS)
         self._down: str | None = None  # why the link is down now (None: up, or still connecting)
         self._down_since = 0.0

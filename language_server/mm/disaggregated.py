@@ -68,6 +68,7 @@ class DisaggregatedProvider(MultimodalProvider):
             health_interval_s=settings.encoder_health_interval_s,
             max_attempts=settings.encode_attempts,
             probe_timeout_s=settings.encoder_probe_timeout_s,
+            link_timeout_s=settings.encoder_link_timeout_s,
         )
         self.registry = EncoderRegistry() if settings.allow_encoder_registration else None
         self.discovery = EncoderDiscovery(

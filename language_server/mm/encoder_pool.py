@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import httpx
 
 from encode_server.protocol import CONTENT_TYPE, EncodeRequest, EncodeResponse, decode_response, encode
 from language_server.mm.base import EncoderUnavailable  # noqa: F401 - one type across providers
+from transfer.config import dead_peer_tcp
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +49,21 @@ class EncoderPool:
         max_attempts: int = 3,
         probe_timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        link_timeout_s: float = 10.0,
     ) -> None:
         self.encoders: dict[str, EncoderState] = {}
         self.set_urls(urls)
         self.timeout_s, self.health_interval_s, self.max_attempts = timeout_s, health_interval_s, max_attempts
         self.probe_timeout_s = probe_timeout_s
-        # idle connections expire before uvicorn's 5 s keep-alive closes them (else a reused one races)
+        # idle connections expire before uvicorn's 5 s keep-alive closes them (else a reused one races);
+        # an encoder whose host stops answering mid-request ends its connection after link_timeout_s
+        # (the attempt fails and is retried elsewhere) instead of holding the request to its deadline
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=2.0),
-            limits=httpx.Limits(keepalive_expiry=2.0),
-            transport=transport,
+            transport=transport
+            or httpx.AsyncHTTPTransport(
+                limits=httpx.Limits(keepalive_expiry=2.0), socket_options=_dead_peer_options(link_timeout_s)
+            ),
         )
         self._task: asyncio.Task | None = None
         self._rr = 0
@@ -194,3 +201,18 @@ class EncoderPool:
             }
             for e in self.encoders.values()
         ]
+
+
+def _dead_peer_options(link_timeout_s: float) -> list[tuple[int, int, int]] | None:
+    """Socket options that end a connection to a silent peer after about `link_timeout_s` (Linux)."""
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if link_timeout_s <= 0 or user_timeout is None:
+        return None
+    idle, interval, probes, user_timeout_ms = dead_peer_tcp(link_timeout_s)
+    return [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes),
+        (socket.IPPROTO_TCP, user_timeout, user_timeout_ms),
+    ]
