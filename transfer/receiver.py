@@ -411,13 +411,18 @@ class TransferReceiver:
         )
         self.rooms.done(room, result)
 
+    @staticmethod
+    def _row_counts(msg: m.Done, vision: bool) -> dict[str, int]:
+        """Rows per buffer the seal announces: ids and positions, and (if asked) vision and deepstack."""
+        counts = {"fill_ids": msg.total_rows, "mrope": msg.total_rows}
+        if vision:
+            counts.update(embeddings=msg.vision_rows, deepstack=msg.vision_rows)
+        return counts
+
     def _incomplete(self, room: Room, msg: m.Done) -> str | None:
         """None if every row that travels on the control link arrived once: ids and positions
         always, vision and deepstack rows too when the backend moves rows there (ZMQ)."""
-        counts = {"fill_ids": msg.total_rows, "mrope": msg.total_rows}
-        if self.backend.data_on_control:
-            counts.update(embeddings=msg.vision_rows, deepstack=msg.vision_rows)
-        for name, count in counts.items():
+        for name, count in self._row_counts(msg, self.backend.data_on_control).items():
             if self._row_bytes[name]:
                 reason = room.rows_missing(name, count)
                 if reason is not None:
@@ -433,12 +438,8 @@ class TransferReceiver:
         missing = self._incomplete(room, msg)
         if missing is not None:
             return missing
-        full = self.settings.checksum == "full"
-        parts = {"fill_ids": msg.total_rows, "mrope": msg.total_rows}
-        if full:
-            parts.update(embeddings=msg.vision_rows, deepstack=msg.vision_rows)
-        crc = 0
-        for name, n in parts.items():  # the payload's order (payload.checksum), straight off the pool
+        crc = 0  # in the payload's order (payload.checksum), straight off the pool
+        for name, n in self._row_counts(msg, self.settings.checksum == "full").items():
             rb, flat = self._row_bytes[name], self._flat[name]
             for r in runs(room.blocks, self.spec.block_size, 0, n):
                 crc = zlib.crc32(flat[r.dst_row * rb : (r.dst_row + r.n) * rb], crc)

@@ -44,7 +44,8 @@ REPORT_LINGER_MS = 150_000
 # a room waiting for an answer looks at its connection every LOSS_CHECK_MS and fails once it has been
 # down (closed, reset, refused) for LOSS_GRACE_S without reconnecting: a receiver that died is noticed
 # ~0.6 s after its kernel reset the connection, one restarted at the same address within the grace
-# gets the room's queued messages (a partition resets nothing: it still waits for the deadline)
+# gets the room's queued messages (a dead host or a partition resets nothing: the kernel ends such a
+# connection after `SenderSettings.link_timeout_s`, and then it is down too)
 LOSS_CHECK_MS = 100
 LOSS_GRACE_S = 0.5
 _LINK_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
@@ -74,8 +75,9 @@ class _Claim:
 
 class _Conn:
     """One DEALER connection to a receiver's control socket, used by one room at a time. A monitor on
-    it sees the connection drop (the receiver's process died: its kernel reset the connection), so a
-    room waiting for an answer fails once it stayed down `LOSS_GRACE_S`, not at its deadline."""
+    it sees the connection drop (the receiver's process died and its kernel reset it, or, with
+    `link_timeout_s`, its host went silent), so a room waiting for an answer fails once it stayed down
+    `LOSS_GRACE_S`, not at its deadline."""
 
     def __init__(self, ctx: zmq.Context, endpoint: str, link_timeout_s: float = 0.0) -> None:
         self.endpoint = endpoint
