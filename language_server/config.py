@@ -36,6 +36,13 @@ class LanguageSettings(BaseModel):
     encoder_probe_timeout_s: float = Field(
         5.0, gt=0, description="an encoder whose GET /health takes longer leaves the rotation"
     )
+    encoder_stalled_probes: int = Field(
+        2,
+        ge=0,
+        description="an encoder that fails this many health probes in a row is given up for the "
+        "requests it holds too (retried on another encoder; a hung process keeps its connections "
+        "open); 0: only new requests avoid it",
+    )
     encoder_link_timeout_s: float = Field(
         10.0,
         ge=0,

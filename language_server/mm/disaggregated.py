@@ -69,6 +69,7 @@ class DisaggregatedProvider(MultimodalProvider):
             max_attempts=settings.encode_attempts,
             probe_timeout_s=settings.encoder_probe_timeout_s,
             link_timeout_s=settings.encoder_link_timeout_s,
+            stalled_probes=settings.encoder_stalled_probes,
         )
         self.registry = EncoderRegistry() if settings.allow_encoder_registration else None
         self.discovery = EncoderDiscovery(

@@ -3,8 +3,10 @@ bounded retry of one encode call across them.
 
 Encoders come from a static list and may be added or removed at run time (discovery plugs in via
 `set_urls`). A background task probes `GET /health`; an encoder that fails a call or a probe leaves
-the rotation until a probe succeeds again. It knows nothing of buffers or rooms: the caller passes
-a function that builds the request for an attempt.
+the rotation until a probe succeeds again, and one that fails `stalled_probes` probes in a row is
+given up for the calls it holds too (retried elsewhere): a process that hangs, stopped or deadlocked,
+keeps its connections open, so nothing else would end them before the encode deadline. It knows
+nothing of buffers or rooms: the caller passes a function that builds the request for an attempt.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class EncodeRejected(ValueError):
     """An encoder judged the request itself bad (-> 400); retrying elsewhere would not help."""
 
 
+class EncoderStalled(RuntimeError):
+    """The encoder holding a call stopped answering health probes; the call was given up."""
+
+
 @dataclass
 class EncoderState:
     url: str
@@ -38,6 +44,8 @@ class EncoderState:
     failures: int = 0
     last_error: str = ""
     last_probe: float = field(default=0.0)
+    failed_probes: int = 0  # in a row
+    stalled: asyncio.Event = field(default_factory=asyncio.Event)  # set: give up the calls it holds
 
 
 class EncoderPool:
@@ -50,11 +58,12 @@ class EncoderPool:
         probe_timeout_s: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
         link_timeout_s: float = 10.0,
+        stalled_probes: int = 2,
     ) -> None:
         self.encoders: dict[str, EncoderState] = {}
         self.set_urls(urls)
         self.timeout_s, self.health_interval_s, self.max_attempts = timeout_s, health_interval_s, max_attempts
-        self.probe_timeout_s = probe_timeout_s
+        self.probe_timeout_s, self.stalled_probes = probe_timeout_s, stalled_probes
         # idle connections expire before uvicorn's 5 s keep-alive closes them (else a reused one races);
         # an encoder whose host stops answering mid-request ends its connection after link_timeout_s
         # (the attempt fails and is retried elsewhere) instead of holding the request to its deadline
@@ -120,8 +129,20 @@ class EncoderPool:
                 "encoder %s is now %s%s", e.url, "healthy" if ok else "unhealthy", f" ({err})" if err else ""
             )
         e.healthy, e.last_probe = ok, time.monotonic()
+        e.failed_probes = 0 if ok else e.failed_probes + 1
         if err:
             e.last_error = err
+        if ok and e.stalled.is_set():
+            e.stalled = asyncio.Event()  # calls from now on may wait for it again
+        elif 0 < self.stalled_probes <= e.failed_probes and not e.stalled.is_set():
+            if e.inflight:
+                log.warning(
+                    "encoder %s failed %d health probes in a row: giving up the %d requests it holds",
+                    e.url,
+                    e.failed_probes,
+                    e.inflight,
+                )
+            e.stalled.set()
 
     async def encode(
         self,
@@ -146,8 +167,8 @@ class EncoderPool:
             timed_out = writer_gone = False
             enc.inflight += 1
             try:
-                resp = await self._post(enc, req)
-            except (httpx.HTTPError, ValueError) as exc:
+                resp = await self._post_unless_stalled(enc, req)
+            except (httpx.HTTPError, ValueError, EncoderStalled) as exc:
                 resp, err = None, f"{enc.url}: {type(exc).__name__}: {exc}"
                 timed_out = isinstance(exc, httpx.TimeoutException)
                 writer_gone = isinstance(exc, httpx.ConnectError)
@@ -177,6 +198,20 @@ class EncoderPool:
             await on_failed_attempt(req, writer_gone)
         detail = "; ".join(errors) if errors else "no healthy encode server"
         raise EncoderUnavailable(f"no encode server could take the request: {detail}")
+
+    async def _post_unless_stalled(self, enc: EncoderState, req: EncodeRequest) -> EncodeResponse:
+        """`_post`, given up (EncoderStalled) if the encoder stalls meanwhile (see `_probe`)."""
+        post = asyncio.ensure_future(self._post(enc, req))
+        stalled = asyncio.ensure_future(enc.stalled.wait())
+        try:
+            done, _ = await asyncio.wait((post, stalled), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when the caller is cancelled: never leave the call running
+            stalled.cancel()
+            if not post.done():
+                post.cancel()
+        if post not in done:
+            raise EncoderStalled(f"stopped answering health probes ({enc.last_error})")
+        return post.result()
 
     async def _post(self, enc: EncoderState, req: EncodeRequest) -> EncodeResponse:
         r = await self._client.post(

@@ -1,12 +1,17 @@
 """An encoder SIGKILLed under load: every request completes (retried on the other encoder) or fails
-with a clear 503, none hangs, and the language node's receive pool drains back to empty."""
+with a clear 503, none hangs, and the language node's receive pool drains back to empty. An encoder
+that hangs (SIGSTOPped: its kernel keeps the connections open) while it holds requests: they are
+retried on the other one once it failed its health probes, not held to their deadline."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
@@ -28,6 +33,66 @@ def pair(tiny_model_dir, tmp_path):
 
     with running(start) as procs:
         yield procs
+
+
+@pytest.fixture
+def slow_deadline_pair(tiny_model_dir, tmp_path):
+    """As `pair`, with a 60 s transfer deadline and probes that give up after 1 s."""
+
+    def start(procs):
+        procs["a"], procs["b"] = (
+            encoder(tiny_model_dir, tmp_path, "a"),
+            encoder(tiny_model_dir, tmp_path, "b"),
+        )
+        flags = disaggregated_flags([procs["a"], procs["b"]], "zmq")
+        flags += ["--transfer-ttl-s", "60", "--encoder-probe-timeout-s", "1"]
+        procs["lang"] = language(tiny_model_dir, tmp_path, "lang", *flags)
+
+    with running(start) as procs:
+        yield procs
+
+
+def test_requests_held_by_a_hung_encoder_move_to_the_other(slow_deadline_pair):
+    pair = slow_deadline_pair
+    url, a = pair["lang"].url, pair["a"]
+    msgs = [image_message(f"Scene {i}?", [data_url(make_image(160, 160, 500 + i))]) for i in range(12)]
+    stopped = threading.Event()
+
+    def stopper():
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not a.metric("deepsplit_encode_inflight") >= 1:
+            pass
+        os.killpg(a.proc.pid, signal.SIGSTOP)  # it holds a request (best effort) and answers nothing
+        stopped.set()
+
+    def one(m):
+        c = openai_client(url).with_options(timeout=120, max_retries=0)
+        t = time.monotonic()
+        try:
+            r = c.chat.completions.create(model="tiny", messages=m, max_tokens=4, temperature=0)
+            return ("ok" if r.choices[0].message.content else "empty"), time.monotonic() - t
+        except openai.APIError as e:
+            return str(e), time.monotonic() - t
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    try:
+        with ThreadPoolExecutor(4) as ex:
+            results = list(ex.map(one, msgs))
+        t.join()
+        assert stopped.is_set()
+        assert all(r[0] == "ok" for r in results), results
+        # held to the deadline a request would take over 60 s; given up after the failed probes, a few
+        encoders = {e["url"]: e for e in httpx.get(url + "/debug/engine", timeout=10).json()["encoders"]}
+        assert "stopped answering health probes" in encoders[a.url]["last_error"], encoders[a.url]
+        assert max(r[1] for r in results) < 30, results
+    finally:
+        if a.proc.poll() is None:
+            os.killpg(a.proc.pid, signal.SIGCONT)
+    end = time.monotonic() + 15
+    while pair["lang"].metric("deepsplit_language_mm_buffer_blocks_used") != 0 and time.monotonic() < end:
+        time.sleep(0.2)
+    assert pair["lang"].metric("deepsplit_language_mm_buffer_blocks_used") == 0
 
 
 def test_sigkill_one_encoder_under_load(pair):

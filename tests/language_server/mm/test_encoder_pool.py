@@ -1,4 +1,5 @@
-"""Encoder pool logic (no real encoders): least-loaded choice, retries, rejection, health rotation."""
+"""Encoder pool logic (no real encoders): least-loaded choice, retries, rejection, health rotation,
+giving up the calls of an encoder that stalled."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from language_server.mm.encoder_pool import EncodeRejected, EncoderPool, Encoder
 
 
 def _transport(behaviour: dict[str, str], calls: list[str]):
-    """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy' | 'hung'."""
+    """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy' | 'hung'
+    | 'wedged' (a hung process: every call waits forever, the probes time out)."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    async def handler(request: httpx.Request) -> httpx.Response:
         host = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
         mode = behaviour[host]
+        if mode == "wedged":
+            if request.url.path == "/health":
+                raise httpx.ReadTimeout("no answer", request=request)
+            calls.append(host)
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                calls.append(host + " cancelled")
+                raise
         if mode == "down":
             raise httpx.ConnectError("connection refused", request=request)
         if mode == "hung" and request.url.path != "/health":
@@ -35,12 +46,12 @@ def _transport(behaviour: dict[str, str], calls: list[str]):
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
 
-def _run(behaviour, fn):
+def _run(behaviour, fn, **options):
     calls: list[str] = []
     failed: list[str] = []
 
     async def main():
-        pool = EncoderPool(list(behaviour), transport=_transport(behaviour, calls), max_attempts=3)
+        pool = EncoderPool(list(behaviour), transport=_transport(behaviour, calls), max_attempts=3, **options)
 
         async def make(attempt):
             return EncodeRequest(room=f"room-{attempt}", messages=[], descriptor={})
@@ -124,3 +135,61 @@ def test_writer_gone_only_when_the_encoder_answered_or_was_unreachable():
     assert resp.status == "ok" and calls[0] == A and "room-0?" in failed
     _, resp, calls, failed = _run({A: "overloaded", B: "ok"}, lambda p, m, f: _first_a(p, m, f))
     assert resp.status == "ok" and failed == ["room-0"]
+
+
+async def _encode_while_probing(pool, make, on_fail, limit_s: float = 10.0):
+    """A first; the health probes run every 50 ms meanwhile (as the pool's loop does)."""
+    pool.health_interval_s = 0.05
+    pool._rr = -1
+    pool._task = asyncio.create_task(pool._probe_loop())
+    try:
+        return await asyncio.wait_for(pool.encode(make, on_fail), limit_s)
+    except TimeoutError:
+        return "still waiting"
+
+
+def test_the_calls_of_an_encoder_that_stalled_are_given_up_and_retried():
+    """A hung encoder process keeps its connections open: once it failed `stalled_probes` probes in
+    a row, the call it holds is cancelled and retried on another encoder (its room kept: it may
+    still write), not left waiting for the encode deadline."""
+    pool, resp, calls, failed = _run({A: "wedged", B: "ok"}, _encode_while_probing, stalled_probes=2)
+    assert resp.status == "ok" and calls == [A, A + " cancelled", B] and failed == ["room-0?"]
+    assert not pool.encoders[A].healthy and pool.encoders[A].failures == 1
+    assert "stopped answering health probes" in pool.encoders[A].last_error
+    # 0: only new requests avoid it; the call stays with the encoder that holds it
+    _, resp, calls, failed = _run(
+        {A: "wedged", B: "ok"}, lambda p, m, f: _encode_while_probing(p, m, f, 1.0), stalled_probes=0
+    )
+    assert resp == "still waiting" and calls[0] == A and failed == []
+
+
+def test_an_encoder_that_answers_probes_again_keeps_its_calls():
+    behaviour = {A: "wedged", B: "ok"}
+
+    async def fn(pool, make, on_fail):
+        for _ in range(2):
+            await pool.probe_all()
+        assert pool.encoders[A].stalled.is_set()
+        behaviour[A] = "ok"
+        await pool.probe_all()
+        assert pool.encoders[A].healthy and not pool.encoders[A].stalled.is_set()
+        pool._rr = -1
+        return await pool.encode(make, on_fail)
+
+    pool, resp, calls, failed = _run(behaviour, fn)
+    assert resp.status == "ok" and calls == [A] and failed == [] and pool.encoders[A].served == 1
+
+
+def test_a_cancelled_caller_cancels_its_call():
+    async def fn(pool, make, on_fail):
+        pool._rr = -1
+        task = asyncio.create_task(pool.encode(make, on_fail))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)  # the call's own task takes its cancellation
+        return pool.encoders[A].inflight
+
+    _, inflight, calls, _ = _run({A: "wedged"}, fn)
+    assert calls == [A, A + " cancelled"] and inflight == 0
