@@ -39,9 +39,9 @@ class LanguageSettings(BaseModel):
     encoder_stalled_probes: int = Field(
         2,
         ge=0,
-        description="an encoder that fails this many health probes in a row is given up for the "
-        "requests it holds too (retried on another encoder; a hung process keeps its connections "
-        "open); 0: only new requests avoid it",
+        description="an encoder whose health probes time out this many times in a row is given up "
+        "for the requests it holds too (retried on another encoder; a hung process keeps its "
+        "connections open); 0: only new requests avoid it",
     )
     encoder_link_timeout_s: float = Field(
         10.0,

@@ -3,9 +3,11 @@ bounded retry of one encode call across them.
 
 Encoders come from a static list and may be added or removed at run time (discovery plugs in via
 `set_urls`). A background task probes `GET /health`; an encoder that fails a call or a probe leaves
-the rotation until a probe succeeds again, and one that fails `stalled_probes` probes in a row is
-given up for the calls it holds too (retried elsewhere): a process that hangs, stopped or deadlocked,
-keeps its connections open, so nothing else would end them before the encode deadline. It knows
+the rotation until a probe succeeds again, and one whose probes time out `stalled_probes` times in a
+row is given up for the calls it holds too (retried elsewhere): a process that hangs, stopped or
+deadlocked, keeps its connections open, so nothing else would end them before the encode deadline
+(a refused probe does not count: a dead process resets its calls itself, a draining one still
+serves them). It knows
 nothing of buffers or rooms: the caller passes a function that builds the request for an attempt.
 """
 
@@ -44,7 +46,7 @@ class EncoderState:
     failures: int = 0
     last_error: str = ""
     last_probe: float = field(default=0.0)
-    failed_probes: int = 0  # in a row
+    silent_probes: int = 0  # probes in a row that timed out (connected, no answer)
     stalled: asyncio.Event = field(default_factory=asyncio.Event)  # set: give up the calls it holds
 
 
@@ -118,28 +120,31 @@ class EncoderPool:
         await asyncio.gather(*(self._probe(e) for e in list(self.encoders.values())))
 
     async def _probe(self, e: EncoderState) -> None:
+        silent = False
         try:
             r = await self._client.get(f"{e.url}/health", timeout=self.probe_timeout_s)
             ok = r.status_code == 200
             err = "" if ok else f"health returned {r.status_code}"
         except httpx.HTTPError as exc:
             ok, err = False, f"{type(exc).__name__}: {exc}"
+            silent = isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout)
         if ok != e.healthy:
             log.warning(
                 "encoder %s is now %s%s", e.url, "healthy" if ok else "unhealthy", f" ({err})" if err else ""
             )
         e.healthy, e.last_probe = ok, time.monotonic()
-        e.failed_probes = 0 if ok else e.failed_probes + 1
+        e.silent_probes = e.silent_probes + 1 if silent else 0
         if err:
             e.last_error = err
-        if ok and e.stalled.is_set():
+        if not silent and e.stalled.is_set():
             e.stalled = asyncio.Event()  # calls from now on may wait for it again
-        elif 0 < self.stalled_probes <= e.failed_probes and not e.stalled.is_set():
+        elif 0 < self.stalled_probes <= e.silent_probes and not e.stalled.is_set():
             if e.inflight:
                 log.warning(
-                    "encoder %s failed %d health probes in a row: giving up the %d requests it holds",
+                    "encoder %s left %d health probes in a row unanswered: giving up the %d requests "
+                    "it holds",
                     e.url,
-                    e.failed_probes,
+                    e.silent_probes,
                     e.inflight,
                 )
             e.stalled.set()

@@ -14,7 +14,8 @@ from language_server.mm.encoder_pool import EncodeRejected, EncoderPool, Encoder
 
 def _transport(behaviour: dict[str, str], calls: list[str]):
     """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy' | 'hung'
-    | 'wedged' (a hung process: every call waits forever, the probes time out)."""
+    | 'wedged' (a hung process: every call waits forever, the probes time out) | 'draining' (refuses
+    new connections, the probes among them, and answers the calls it holds after 0.5 s)."""
 
     async def handler(request: httpx.Request) -> httpx.Response:
         host = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
@@ -28,6 +29,11 @@ def _transport(behaviour: dict[str, str], calls: list[str]):
             except asyncio.CancelledError:
                 calls.append(host + " cancelled")
                 raise
+        if mode == "draining":
+            if request.url.path == "/health":
+                raise httpx.ConnectError("connection refused", request=request)
+            await asyncio.sleep(0.5)
+            mode = "ok"
         if mode == "down":
             raise httpx.ConnectError("connection refused", request=request)
         if mode == "hung" and request.url.path != "/health":
@@ -161,6 +167,14 @@ def test_the_calls_of_an_encoder_that_stalled_are_given_up_and_retried():
         {A: "wedged", B: "ok"}, lambda p, m, f: _encode_while_probing(p, m, f, 1.0), stalled_probes=0
     )
     assert resp == "still waiting" and calls[0] == A and failed == []
+
+
+def test_refused_probes_leave_the_calls_an_encoder_holds_alone():
+    """A draining encoder (SIGTERM: no new connections) finishes what it holds; a dead one's calls
+    end by themselves (reset). Only probes that connected and got no answer mean hung."""
+    pool, resp, calls, failed = _run({A: "draining", B: "ok"}, _encode_while_probing, stalled_probes=2)
+    assert resp.status == "ok" and calls == [A] and failed == []
+    assert pool.encoders[A].silent_probes == 0 and not pool.encoders[A].healthy
 
 
 def test_an_encoder_that_answers_probes_again_keeps_its_calls():
