@@ -42,6 +42,12 @@ class EncodeSettings(BaseModel):
         "travels during the vision forward (one round trip less per request; a room aborted during "
         "that forward keeps its blocks until this encoder reaches its send)",
     )
+    shutdown_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="after SIGTERM/SIGINT: no new connections, and the encodes in flight get this long "
+        "to finish before their calls are cut (the language server retries them elsewhere)",
+    )
     health_progress_s: float = Field(
         30.0,
         gt=0,

@@ -100,6 +100,12 @@ class LanguageSettings(BaseModel):
     vision_max_batch_patches: int = Field(16384, ge=1)
     vision_cache_bytes: int = Field(64 * 2**20, ge=0)
     encode_timeout_s: float = Field(120.0, gt=0)
+    shutdown_grace_s: float = Field(
+        60.0,
+        ge=0,
+        description="after SIGTERM/SIGINT: no new connections, and the requests in flight get this long "
+        "to finish before they end with a 503 (keep it under the pod's termination grace)",
+    )
     # debugging
     debug_endpoints: bool = Field(False, description="expose GET /debug/engine (scheduler state)")
     log_level: str = "info"

@@ -1,12 +1,16 @@
 """Assemble one language server from its settings: model, KV cache, scheduler, engine, provider, app.
 
 `LanguageServer.build(settings)` loads everything and starts the engine thread; `.app` is the ASGI
-app to serve (`.serve()` runs uvicorn on settings.host/port); `await .aclose()` stops the engine and the provider. Providers
-are looked up by mode with lazy imports, so the disaggregated one plugs in without touching this.
+app to serve (`.serve()` runs uvicorn on settings.host/port until SIGTERM/SIGINT, then drains: no
+new connections, the requests in flight get `shutdown_grace_s` to finish, and those still running
+then end with a 503 error instead of a cut connection); `await .aclose()` stops the engine and the
+provider. Providers are looked up by mode with lazy imports, so the disaggregated one plugs in
+without touching this.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 from dataclasses import dataclass
@@ -16,6 +20,7 @@ from language_server.config import LanguageSettings
 from language_server.mm.base import MultimodalProvider
 
 log = logging.getLogger(__name__)
+FLUSH_S = 2.0  # after the grace: time for the requests ended then to send their error
 
 PROVIDERS = {
     "monolithic": "language_server.mm.monolithic:MonolithicProvider",
@@ -130,13 +135,34 @@ class LanguageServer:
     def serve(self) -> None:
         import uvicorn
 
-        uvicorn.run(
-            self.app,
-            host=self.settings.host,
-            port=self.settings.port,
-            log_level=self.settings.log_level.lower(),
-            timeout_graceful_shutdown=5,
+        grace = self.settings.shutdown_grace_s
+        server = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host=self.settings.host,
+                port=self.settings.port,
+                log_level=self.settings.log_level.lower(),
+                timeout_graceful_shutdown=grace + FLUSH_S,
+            )
         )
+
+        async def watch() -> None:  # the lifespan's startup: a task on the server's own loop
+            asyncio.get_running_loop().create_task(self._end_after_grace(server, grace))
+
+        self.app.router.on_startup.append(watch)
+        server.run()
+
+    async def _end_after_grace(self, server, grace: float) -> None:
+        """Once the server is told to exit (it stops accepting at once), give the requests in flight
+        `grace` seconds, then end those still in the engine with a 503 (streams get an error event)."""
+        while not server.should_exit:
+            await asyncio.sleep(0.1)
+        st = self.engine.stats()
+        held = st["running"] + st["waiting"] + st["waiting_for_embeddings"]
+        if held:
+            log.info("shutting down: %d requests in flight get up to %.0f s to finish", held, grace)
+        await asyncio.sleep(grace)
+        self.engine.fail_all("the server is shutting down", 503)
 
     async def aclose(self) -> None:
         self.engine.stop()

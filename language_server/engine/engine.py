@@ -1,7 +1,7 @@
 """The engine loop: one thread running `schedule -> run -> postprocess` while there is work.
 
 Other threads (the asyncio HTTP side) only call the thread-safe `add`, `inputs_ready`,
-`inputs_failed` and `abort`, which enqueue commands; results come back through each request's
+`inputs_failed`, `abort` and `fail_all`, which enqueue commands; results come back through each request's
 `sink` callable, invoked on the engine thread (the caller hops it to its own loop). It decides when
 a request ends (EOS, stop ids/strings, max_tokens) and frees everything it held.
 """
@@ -70,6 +70,10 @@ class Engine:
     def abort(self, seq_id: str) -> None:
         self._cmds.put(("abort", seq_id, None))
 
+    def fail_all(self, message: str, status: int = 503) -> None:
+        """End every request the engine holds with an error (`status`); e.g. at the end of a drain."""
+        self._cmds.put(("fail_all", message, status))
+
     def start(self, threads: int = 0) -> None:
         _release_openmp_workers()
 
@@ -82,7 +86,7 @@ class Engine:
             except BaseException as e:  # a bug: make it visible via /health rather than hang silently
                 self.error = e
                 log.exception("engine loop died")
-                self._fail_all(f"engine failure: {e}")
+                self._fail_all(f"engine failure: {e}", 500)
 
         self._thread = threading.Thread(target=main, name="engine", daemon=True)
         self._thread.start()
@@ -142,6 +146,8 @@ class Engine:
         elif kind == "abort":
             if a in self._seqs:
                 self._end(a, "abort")
+        elif kind == "fail_all":
+            self._fail_all(a, b)
 
     def step(self) -> None:
         t0 = time.perf_counter()
@@ -193,10 +199,10 @@ class Engine:
             )
         )
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, status: int) -> None:
         for seq_id in list(self._seqs):
             try:
-                self._end(seq_id, "error", message, status=500)
+                self._end(seq_id, "error", message, status=status)
             except Exception:  # noqa: BLE001 - best effort while dying
                 self._seqs.pop(seq_id, None)
 
