@@ -147,7 +147,7 @@ class LanguageServer:
         )
 
         async def watch() -> None:  # the lifespan's startup: a task on the server's own loop
-            asyncio.get_running_loop().create_task(self._end_after_grace(server, grace))
+            self._drain = asyncio.get_running_loop().create_task(self._end_after_grace(server, grace))
 
         self.app.router.on_startup.append(watch)
         server.run()

@@ -7,8 +7,8 @@ the rotation until a probe succeeds again, and one whose probes time out `stalle
 row is given up for the calls it holds too (retried elsewhere): a process that hangs, stopped or
 deadlocked, keeps its connections open, so nothing else would end them before the encode deadline
 (a refused probe does not count: a dead process resets its calls itself, a draining one still
-serves them). It knows
-nothing of buffers or rooms: the caller passes a function that builds the request for an attempt.
+serves them). It knows nothing of buffers or rooms: the caller passes a function that builds the
+request for an attempt.
 """
 
 from __future__ import annotations
