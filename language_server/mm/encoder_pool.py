@@ -109,12 +109,26 @@ class EncoderPool:
         await self._client.aclose()
 
     async def _probe_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_interval_s)
-            try:
-                await self.probe_all()
-            except Exception:  # noqa: BLE001 - the loop must survive anything
-                log.exception("encoder health probe loop")
+        """Every `health_interval_s`, probe each encoder whose previous probe has ended: one that
+        hangs (its probe waits out `probe_timeout_s`) does not hold up the probes of the others."""
+        probing: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                await asyncio.sleep(self.health_interval_s)
+                for url in [u for u, t in probing.items() if t.done() and u not in self.encoders]:
+                    del probing[url]
+                for e in list(self.encoders.values()):
+                    if e.url not in probing or probing[e.url].done():
+                        probing[e.url] = asyncio.create_task(self._probe_logged(e))
+        finally:
+            for t in probing.values():
+                t.cancel()
+
+    async def _probe_logged(self, e: EncoderState) -> None:
+        try:
+            await self._probe(e)
+        except Exception:  # noqa: BLE001 - the probes must survive anything
+            log.exception("encoder health probe of %s", e.url)
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe(e) for e in list(self.encoders.values())))

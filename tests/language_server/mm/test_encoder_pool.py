@@ -12,7 +12,9 @@ from encode_server.protocol import CONTENT_TYPE, EncodeRequest, EncodeResponse, 
 from language_server.mm.encoder_pool import EncodeRejected, EncoderPool, EncoderUnavailable
 
 
-def _transport(behaviour: dict[str, str], calls: list[str]):
+def _transport(
+    behaviour: dict[str, str], calls: list[str], probes: list[str] | None = None, probe_wait_s=0.0
+):
     """behaviour: host -> 'ok' | 'error' | 'bad_request' | 'overloaded' | 'down' | 'unhealthy' | 'hung'
     | 'wedged' (a hung process: every call waits forever, the probes time out) | 'draining' (refuses
     new connections, the probes among them, and answers the calls it holds after 0.5 s)."""
@@ -20,8 +22,12 @@ def _transport(behaviour: dict[str, str], calls: list[str]):
     async def handler(request: httpx.Request) -> httpx.Response:
         host = f"{request.url.scheme}://{request.url.host}:{request.url.port}"
         mode = behaviour[host]
+        if probes is not None and request.url.path == "/health":
+            probes.append(host)
         if mode == "wedged":
             if request.url.path == "/health":
+                if probe_wait_s:  # as the client's timeout would end it (a mock transport has none)
+                    await asyncio.sleep(probe_wait_s)
                 raise httpx.ReadTimeout("no answer", request=request)
             calls.append(host)
             try:
@@ -52,12 +58,13 @@ def _transport(behaviour: dict[str, str], calls: list[str]):
 A, B, C = "http://a:1", "http://b:1", "http://c:1"
 
 
-def _run(behaviour, fn, **options):
+def _run(behaviour, fn, probes=None, probe_wait_s=0.0, **options):
     calls: list[str] = []
     failed: list[str] = []
 
     async def main():
-        pool = EncoderPool(list(behaviour), transport=_transport(behaviour, calls), max_attempts=3, **options)
+        transport = _transport(behaviour, calls, probes, probe_wait_s)
+        pool = EncoderPool(list(behaviour), transport=transport, max_attempts=3, **options)
 
         async def make(attempt):
             return EncodeRequest(room=f"room-{attempt}", messages=[], descriptor={})
@@ -207,3 +214,16 @@ def test_a_cancelled_caller_cancels_its_call():
 
     _, inflight, calls, _ = _run({A: "wedged"}, fn)
     assert calls == [A, A + " cancelled"] and inflight == 0
+
+
+def test_a_hung_encoder_does_not_hold_up_the_probes_of_the_others():
+    probes: list[str] = []
+
+    async def fn(pool, make, on_fail):
+        pool.health_interval_s = 0.05
+        pool._task = asyncio.create_task(pool._probe_loop())
+        await asyncio.sleep(1.2)  # A's probes each wait out the 1 s timeout meanwhile
+        return None
+
+    _run({A: "wedged", B: "ok"}, fn, probes=probes, probe_wait_s=1.0)
+    assert probes.count(A) <= 2 and probes.count(B) >= 8, (probes.count(A), probes.count(B))
