@@ -21,34 +21,31 @@ from tests.language_server.conftest import data_url, image_message, make_image
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def pair(tiny_model_dir, tmp_path):
+def _two_encoders(tiny_model_dir, tmp_path, *language_flags):
+    """Encoders a and b behind one ZMQ language server with these extra flags."""
+
     def start(procs):
         procs["a"], procs["b"] = (
             encoder(tiny_model_dir, tmp_path, "a"),
             encoder(tiny_model_dir, tmp_path, "b"),
         )
         flags = disaggregated_flags([procs["a"], procs["b"]], "zmq")
-        procs["lang"] = language(tiny_model_dir, tmp_path, "lang", *flags, "--transfer-ttl-s", "5")
+        procs["lang"] = language(tiny_model_dir, tmp_path, "lang", *flags, *language_flags)
 
-    with running(start) as procs:
+    return running(start)
+
+
+@pytest.fixture
+def pair(tiny_model_dir, tmp_path):
+    with _two_encoders(tiny_model_dir, tmp_path, "--transfer-ttl-s", "5") as procs:
         yield procs
 
 
 @pytest.fixture
 def slow_deadline_pair(tiny_model_dir, tmp_path):
-    """As `pair`, with a 60 s transfer deadline and probes that give up after 1 s."""
-
-    def start(procs):
-        procs["a"], procs["b"] = (
-            encoder(tiny_model_dir, tmp_path, "a"),
-            encoder(tiny_model_dir, tmp_path, "b"),
-        )
-        flags = disaggregated_flags([procs["a"], procs["b"]], "zmq")
-        flags += ["--transfer-ttl-s", "60", "--encoder-probe-timeout-s", "1"]
-        procs["lang"] = language(tiny_model_dir, tmp_path, "lang", *flags)
-
-    with running(start) as procs:
+    """A 60 s transfer deadline and probes that give up after 1 s."""
+    flags = ("--transfer-ttl-s", "60", "--encoder-probe-timeout-s", "1")
+    with _two_encoders(tiny_model_dir, tmp_path, *flags) as procs:
         yield procs
 
 
