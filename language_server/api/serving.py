@@ -64,7 +64,7 @@ class Serving:
                 raise bad_request(f"messages could not be rendered: {e}", "messages") from None
             ids = self.pre.tokenizer(text, add_special_tokens=False)["input_ids"]
             seq = Sequence(rid, ids, self._params(body, len(ids)))
-        queue = await self._submit(seq, messages, images, body.requested_max_tokens())
+        queue = await self._submit(seq, messages, images, body.requested_max_tokens(), request)
         return await self._respond(request, "chat", body, seq, queue)
 
     async def completion(self, request: Request, body: P.CompletionRequest) -> object:
@@ -131,7 +131,7 @@ class Serving:
 
     # -- engine ------------------------------------------------------------------------------
     async def _submit(
-        self, seq: Sequence, messages: list[dict], images: list[str], asked: int | None
+        self, seq: Sequence, messages: list[dict], images: list[str], asked: int | None, request=None
     ) -> asyncio.Queue:
         st = self.engine.stats()
         if not self.engine.alive:
@@ -144,9 +144,7 @@ class Serving:
         if not images:
             return queue
         try:
-            inputs = await asyncio.wait_for(
-                self.provider.prepare(seq.id, messages, images), self.s.encode_timeout_s
-            )
+            inputs = await self._prepare(request, seq, messages, images)
         except BadMultimodalInput as e:
             self.engine.abort(seq.id)
             raise bad_request(str(e), "messages", "invalid_image") from None
@@ -165,6 +163,25 @@ class Serving:
             raise
         self.engine.inputs_ready(seq.id, inputs)
         return queue
+
+    async def _prepare(self, request: Request, seq: Sequence, messages: list[dict], images: list[str]):
+        """The provider's rows for `images`, given up if the client goes away meanwhile (the
+        provider's finally aborts the rooms and the encode call ends with the task)."""
+        prep = asyncio.ensure_future(
+            asyncio.wait_for(self.provider.prepare(seq.id, messages, images), self.s.encode_timeout_s)
+        )
+        gone = asyncio.ensure_future(self._disconnected(request))
+        try:
+            await asyncio.wait((prep, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when this task is cancelled
+            gone.cancel()
+            if not prep.done():
+                prep.cancel()
+        if not prep.done():
+            raise APIError(
+                499, "the client disconnected while its images were encoded", code="aborted", type_="aborted"
+            )
+        return prep.result()
 
     async def _events(
         self, seq: Sequence, queue: asyncio.Queue, endpoint: str
@@ -228,10 +245,15 @@ class Serving:
         )
 
     async def _watch_disconnect(self, request: Request, seq_id: str) -> None:
+        await self._disconnected(request)
+        self.engine.abort(seq_id)
+
+    @staticmethod
+    async def _disconnected(request: Request | None) -> None:
+        """Returns once the client of `request` has gone (never, without a request)."""
         while True:
             await asyncio.sleep(0.25)
-            if await request.is_disconnected():
-                self.engine.abort(seq_id)
+            if request is not None and await request.is_disconnected():
                 return
 
     async def _sse(self, endpoint: str, rid: str, events, include_usage: bool) -> AsyncIterator[str]:

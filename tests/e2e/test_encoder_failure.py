@@ -1,7 +1,8 @@
 """An encoder SIGKILLed under load: every request completes (retried on the other encoder) or fails
 with a clear 503, none hangs, and the language node's receive pool drains back to empty. An encoder
 that hangs (SIGSTOPped: its kernel keeps the connections open) while it holds requests: they are
-retried on the other one once it failed its health probes, not held to their deadline."""
+retried on the other one once it failed its health probes, not held to their deadline; a client
+that gives up while its images are being encoded frees its room at once."""
 
 from __future__ import annotations
 
@@ -90,6 +91,44 @@ def test_requests_held_by_a_hung_encoder_move_to_the_other(slow_deadline_pair):
     while pair["lang"].metric("deepsplit_language_mm_buffer_blocks_used") != 0 and time.monotonic() < end:
         time.sleep(0.2)
     assert pair["lang"].metric("deepsplit_language_mm_buffer_blocks_used") == 0
+
+
+@pytest.fixture
+def patient_pair(tiny_model_dir, tmp_path):
+    """Nothing gives up on an encoder for a minute: long deadline, slow probes, no stall rule."""
+    flags = ("--transfer-ttl-s", "60", "--encoder-probe-timeout-s", "30", "--encoder-stalled-probes", "0")
+    with _two_encoders(tiny_model_dir, tmp_path, *flags) as procs:
+        yield procs
+
+
+def test_a_client_that_leaves_during_the_encode_frees_its_room(patient_pair):
+    pair, lang = patient_pair, patient_pair["lang"]
+    encoders = [pair["a"], pair["b"]]
+    used = lambda: lang.metric("deepsplit_language_mm_buffer_blocks_used")  # noqa: E731
+    for e in encoders:  # both hang: the request waits for its encode until the client leaves
+        os.killpg(e.proc.pid, signal.SIGSTOP)
+    try:
+
+        def leave(stream: bool) -> str:
+            c = openai_client(lang.url).with_options(timeout=2, max_retries=0)
+            m = image_message("Where?", [data_url(make_image(96, 96, 7 + stream))])
+            try:
+                c.chat.completions.create(model="tiny", messages=m, max_tokens=4, stream=stream)
+            except openai.APITimeoutError:
+                return "gave up"
+            return "answered"
+
+        with ThreadPoolExecutor(2) as ex:
+            assert list(ex.map(leave, (False, True))) == ["gave up", "gave up"]
+        end = time.monotonic() + 10  # held to its deadline, a room would stay for a minute
+        while used() != 0 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert used() == 0
+        engine = httpx.get(lang.url + "/debug/engine", timeout=10).json()
+        assert engine["waiting_for_embeddings"] == 0, engine
+    finally:
+        for e in encoders:
+            os.killpg(e.proc.pid, signal.SIGCONT)
 
 
 def test_sigkill_one_encoder_under_load(pair):
