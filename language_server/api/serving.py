@@ -140,11 +140,20 @@ class Serving:
             raise APIError(429, "server overloaded: too many queued requests; retry later", code="overloaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.engine.add(seq, lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+        ended = asyncio.Event()  # the engine ended the request (a drain's end, an engine failure)
+
+        def deliver(out: RequestOutput) -> None:
+            queue.put_nowait(out)
+            if out.finished:
+                ended.set()
+
+        self.engine.add(seq, lambda out: loop.call_soon_threadsafe(deliver, out))
         if not images:
             return queue
         try:
-            inputs = await self._prepare(request, seq, messages, images)
+            inputs = await self._prepare(request, seq, messages, images, ended)
+            if inputs is None:
+                return queue  # its last output says why
         except BadMultimodalInput as e:
             self.engine.abort(seq.id)
             raise bad_request(str(e), "messages", "invalid_image") from None
@@ -164,24 +173,30 @@ class Serving:
         self.engine.inputs_ready(seq.id, inputs)
         return queue
 
-    async def _prepare(self, request: Request, seq: Sequence, messages: list[dict], images: list[str]):
-        """The provider's rows for `images`, given up if the client goes away meanwhile (the
-        provider's finally aborts the rooms and the encode call ends with the task)."""
+    async def _prepare(
+        self, request: Request, seq: Sequence, messages: list[dict], images: list[str], ended: asyncio.Event
+    ):
+        """The provider's rows for `images`; None if the engine ended the request meanwhile. Given up
+        (the provider's finally aborts the rooms, the encode call ends with the task) if that happens
+        or the client goes away."""
         prep = asyncio.ensure_future(
             asyncio.wait_for(self.provider.prepare(seq.id, messages, images), self.s.encode_timeout_s)
         )
         gone = asyncio.ensure_future(self._disconnected(request))
+        over = asyncio.ensure_future(ended.wait())
         try:
-            await asyncio.wait((prep, gone), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((prep, gone, over), return_when=asyncio.FIRST_COMPLETED)
         finally:  # also when this task is cancelled
-            gone.cancel()
-            if not prep.done():
-                prep.cancel()
-        if not prep.done():
-            raise APIError(
-                499, "the client disconnected while its images were encoded", code="aborted", type_="aborted"
-            )
-        return prep.result()
+            for t in (gone, over, prep):
+                if not t.done():
+                    t.cancel()
+        if prep.done() and not prep.cancelled():
+            return prep.result()
+        if over.done() and not over.cancelled():
+            return None
+        raise APIError(
+            499, "the client disconnected while its images were encoded", code="aborted", type_="aborted"
+        )
 
     async def _events(
         self, seq: Sequence, queue: asyncio.Queue, endpoint: str

@@ -2,7 +2,8 @@
 with a clear 503, none hangs, and the language node's receive pool drains back to empty. An encoder
 that hangs (SIGSTOPped: its kernel keeps the connections open) while it holds requests: they are
 retried on the other one once it failed its health probes, not held to their deadline; a client
-that gives up while its images are being encoded frees its room at once."""
+that gives up while its images are being encoded frees its room at once, and a request still
+waiting for its encode when the language server's drain ends gets a 503."""
 
 from __future__ import annotations
 
@@ -95,8 +96,10 @@ def test_requests_held_by_a_hung_encoder_move_to_the_other(slow_deadline_pair):
 
 @pytest.fixture
 def patient_pair(tiny_model_dir, tmp_path):
-    """Nothing gives up on an encoder for a minute: long deadline, slow probes, no stall rule."""
+    """Nothing gives up on an encoder for a minute (long deadline, slow probes, no stall rule); the
+    language server drains for 1 s only."""
     flags = ("--transfer-ttl-s", "60", "--encoder-probe-timeout-s", "30", "--encoder-stalled-probes", "0")
+    flags += ("--shutdown-grace-s", "1")
     with _two_encoders(tiny_model_dir, tmp_path, *flags) as procs:
         yield procs
 
@@ -128,6 +131,39 @@ def test_a_client_that_leaves_during_the_encode_frees_its_room(patient_pair):
         assert engine["waiting_for_embeddings"] == 0, engine
     finally:
         for e in encoders:
+            os.killpg(e.proc.pid, signal.SIGCONT)
+
+
+def test_a_request_waiting_for_its_encode_when_the_drain_ends_gets_a_503(patient_pair):
+    pair, lang = patient_pair, patient_pair["lang"]
+    for e in (pair["a"], pair["b"]):
+        os.killpg(e.proc.pid, signal.SIGSTOP)
+    try:
+        got: dict = {}
+
+        def ask():
+            c = openai_client(lang.url).with_options(timeout=60, max_retries=0)
+            m = image_message("What?", [data_url(make_image(96, 96, 11))])
+            try:
+                c.chat.completions.create(model="tiny", messages=m, max_tokens=4)
+            except openai.APIError as e:
+                got.update(error=e, after=time.monotonic() - sent)
+
+        t = threading.Thread(target=ask)
+        t.start()
+        end = time.monotonic() + 30
+        while httpx.get(lang.url + "/debug/engine", timeout=10).json()["waiting_for_embeddings"] < 1:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        sent = time.monotonic()
+        os.killpg(lang.proc.pid, signal.SIGTERM)
+        t.join(60)
+        error = got.get("error")
+        assert isinstance(error, openai.APIStatusError) and error.status_code == 503, got
+        assert "shutting down" in error.message and got["after"] < 10, got
+        lang.proc.wait(20)
+    finally:
+        for e in (pair["a"], pair["b"]):
             os.killpg(e.proc.pid, signal.SIGCONT)
 
 
