@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import anyio
 import httpx
@@ -19,7 +20,14 @@ from encode_server.service import EncodeService
 from transfer.heap import keep_freed_heap
 
 log = logging.getLogger(__name__)
-STATUS_CODES = {"ok": 200, "bad_request": 400, "overloaded": 503, "transfer_failed": 502, "error": 500}
+STATUS_CODES = {
+    "ok": 200,
+    "bad_request": 400,
+    "overloaded": 503,
+    "transfer_failed": 502,
+    "error": 500,
+    "cancelled": 499,
+}
 
 
 def build_app(settings: EncodeSettings) -> FastAPI:
@@ -50,9 +58,12 @@ def build_app(settings: EncodeSettings) -> FastAPI:
             return reply(
                 EncodeResponse(room=req.room, status="overloaded", message="encode server is at capacity")
             )
+        cancelled = threading.Event()  # the caller went away: its queued images are dropped
+        watch = asyncio.ensure_future(_set_when_gone(request, cancelled))
         try:
-            resp = await anyio.to_thread.run_sync(service.handle, req, limiter=limiter)
+            resp = await anyio.to_thread.run_sync(service.handle, req, cancelled, limiter=limiter)
         finally:
+            watch.cancel()
             service.release()
         return reply(resp)
 
@@ -79,6 +90,13 @@ def build_app(settings: EncodeSettings) -> FastAPI:
         app.router.on_startup.append(announcer.start)
         app.router.on_shutdown.insert(0, announcer.stop)
     return app
+
+
+async def _set_when_gone(request: Request, cancelled: threading.Event) -> None:
+    """Set `cancelled` once the client of `request` disconnects (the language server gave it up)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    cancelled.set()
 
 
 class Announcer:

@@ -3,13 +3,17 @@
 `Encoder.encode(messages, images)` renders the chat template, runs the image processor, looks each
 image up in the embedding cache, sends the misses through the batched vision tower, and returns an
 `EncodedPrompt`: expanded prompt ids, M-RoPE positions and delta, vision rows and deepstack rows.
-Writing them to a language node is the service's job (`service.py`).
+With `cancelled` (an Event its caller sets when the request's client went away) it stops waiting
+and takes its images that are still queued off the vision tower (`EncodeCancelled`). Writing the
+rows to a language node is the service's job (`service.py`).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +24,12 @@ from deepsplit.model.mrope import mrope_positions
 from deepsplit.model.processor import Preprocessor
 from encode_server.batcher import VisionBatcher
 from encode_server.cache import CachedRows, EmbeddingCache, content_key
+
+CANCEL_CHECK_S = 0.1  # how often a wait for the vision tower looks at `cancelled`
+
+
+class EncodeCancelled(RuntimeError):
+    """The caller gave the request up while its images waited for the vision tower."""
 
 
 @dataclass
@@ -60,6 +70,7 @@ class Encoder:
         image_bytes: list[bytes] | None = None,
         timeout_s: float | None = None,
         on_rows: Callable[[int], object] | None = None,
+        cancelled: threading.Event | None = None,
     ) -> EncodedPrompt:
         """`images`: decoded PIL images in prompt order; `image_bytes`: their encoded bytes (cache keys).
         `on_rows(n)` is called with the prompt's row count as soon as it is known, before the vision
@@ -91,10 +102,12 @@ class Encoder:
                 e, d = cached[i].embeds, cached[i].deepstack
             else:
                 try:
-                    e, d = futures[i].result(timeout=timeout_s)
-                except TimeoutError:
+                    e, d = _rows(futures[i], timeout_s, cancelled)
+                except (TimeoutError, EncodeCancelled) as exc:
                     for f in futures.values():
                         f.cancel()  # still queued: never computed
+                    if isinstance(exc, EncodeCancelled):
+                        raise
                     raise TimeoutError(
                         f"the vision tower is busy: images not encoded within {timeout_s:.0f}s"
                     ) from None
@@ -118,3 +131,19 @@ class Encoder:
 
     def close(self) -> None:
         self.batcher.close()
+
+
+def _rows(future: Future, timeout_s: float | None, cancelled: threading.Event | None):
+    """The future's result; TimeoutError after `timeout_s`, EncodeCancelled once `cancelled` is set."""
+    if cancelled is None:
+        return future.result(timeout=timeout_s)
+    end = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        step = CANCEL_CHECK_S if end is None else max(0.0, min(CANCEL_CHECK_S, end - time.monotonic()))
+        try:
+            return future.result(timeout=step)
+        except TimeoutError:
+            if cancelled.is_set():
+                raise EncodeCancelled("the request was given up while its images waited") from None
+            if end is not None and time.monotonic() >= end:
+                raise

@@ -25,7 +25,7 @@ class EncodeRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class EncodeResponse(msgspec.Struct, kw_only=True):
     room: str
-    status: str  # "ok" | "bad_request" | "overloaded" | "transfer_failed" | "error"
+    status: str  # "ok" | "bad_request" | "overloaded" | "transfer_failed" | "error" | "cancelled"
     message: str = ""
     num_rows: int = 0
     num_vision_rows: int = 0

@@ -4,9 +4,11 @@ With `claim_ahead` the room is claimed as soon as the prompt's row count is know
 handshake travels while the vision tower runs; every exit that will not write abandons the room
 (its blocks free now).
 
-`EncodeService.handle(req)` never raises for a bad request: it returns an `EncodeResponse` whose
-status says what happened (`bad_request` with the reason for unusable input, `error` for a failed
-transfer). It is synchronous; the HTTP layer runs it in a worker thread.
+`EncodeService.handle(req, cancelled)` never raises for a bad request: it returns an
+`EncodeResponse` whose status says what happened (`bad_request` with the reason for unusable input,
+`error` for a failed transfer, `cancelled` when the caller went away: `cancelled` was set while the
+images waited, or before the rows went out). It is synchronous; the HTTP layer runs it in a worker
+thread and sets `cancelled` when the client disconnects.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from PIL import Image
 
 from deepsplit.images import BadImage, ImageLimits, image_urls, load_image
 from encode_server.config import EncodeSettings
-from encode_server.encoder import Encoder
+from encode_server.encoder import EncodeCancelled, Encoder
 from encode_server.metrics import EncodeMetrics
 from encode_server.protocol import EncodeRequest, EncodeResponse
 
@@ -74,7 +76,7 @@ class EncodeService:
     def inflight(self) -> int:
         return self._inflight
 
-    def handle(self, req: EncodeRequest) -> EncodeResponse:
+    def handle(self, req: EncodeRequest, cancelled: threading.Event | None = None) -> EncodeResponse:
         t0 = time.perf_counter()
         try:
             urls = image_urls(req.messages)
@@ -89,7 +91,12 @@ class EncodeService:
                 [b for _, b in loaded],
                 timeout_s=req.deadline_s,
                 on_rows=self._claim(req),
+                cancelled=cancelled,
             )
+            if cancelled is not None and cancelled.is_set():
+                raise EncodeCancelled("the request was given up before its rows went out")
+        except EncodeCancelled as e:
+            return self._refuse(req, "cancelled", str(e))
         except TimeoutError as e:  # queued behind other work: another encoder may be free
             return self._refuse(req, "overloaded", str(e))
         except BadImage as e:

@@ -1,10 +1,12 @@
 """EncodeService with a real transfer receiver in this process (ZMQ): a good request delivers its
 rows into the room; a request the encoder refuses fails its room at once (the encoder abandons it),
 so the language side never waits for rows that will not come and the blocks are back at once; a
-receiver gone before the rows go makes the encoder answer at once, not at the deadline."""
+receiver gone before the rows go makes the encoder answer at once, not at the deadline; a request
+given up by its caller while its images wait for the vision tower never has them computed."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -37,12 +39,12 @@ def receiver(tiny_model_dir):
     rx.close()
 
 
-def ask(service, rx, messages):
+def ask(service, rx, messages, cancelled=None):
     desc = rx.open_room(64)
     req = EncodeRequest(
         room=desc.room, messages=messages, descriptor=descriptor_to_builtins(desc), deadline_s=20
     )
-    return desc, service.handle(req)
+    return desc, service.handle(req, cancelled)
 
 
 def test_good_request_delivers_rows(service, receiver):
@@ -104,3 +106,51 @@ def test_transfer_settings_reach_the_sender(tiny_model_dir):
         assert s.link_timeout_s == 3.5
     finally:
         svc.close()
+
+
+def test_a_request_given_up_while_its_images_wait_is_never_computed(service, receiver):
+    from encode_server.batcher import VisionBatcher
+
+    gate, seen, vision = threading.Event(), [], service.encoder.vision
+
+    class Gated:  # the vision tower, busy with another request's image until `gate`
+        merge_unit = vision.merge_unit
+
+        def __call__(self, pixels, grid):
+            seen.append(grid.tolist())
+            gate.wait(20)
+            return vision(pixels, grid)
+
+    own, service.encoder.batcher = service.encoder.batcher, VisionBatcher(Gated(), 1 << 30)
+    try:
+        p, g = service.encoder.pre.images_to_patches([make_image(32, 32, 5)])
+        busy = service.encoder.batcher.submit(p, g[0])
+        end = time.monotonic() + 10
+        while not seen:  # its forward has started: what comes next waits in the queue
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        cancelled, out = threading.Event(), {}
+        img = make_image(40, 40, 6)
+        msgs = image_message("?", [data_url(img)])
+
+        def given_up():
+            out["desc"], out["resp"] = ask(service, receiver, msgs, cancelled)
+
+        t = threading.Thread(target=given_up)
+        t.start()
+        time.sleep(0.5)  # its image is queued behind the busy one
+        cancelled.set()
+        t.join(5)
+        assert not t.is_alive(), "still waiting for the vision tower"
+        assert out["resp"].status == "cancelled", out["resp"]
+        with pytest.raises(RoomFailed, match="encoder: cancelled"):
+            receiver.wait_room(out["desc"].room, 5)  # its room is freed at once
+        gate.set()
+        busy.result(timeout=30)
+        service.encoder.batcher.submit(p, g[0]).result(timeout=30)
+        assert len(seen) == 2  # the busy image and the last one: never the given-up image
+        assert receiver.stats()["blocks_free"] == 32
+    finally:
+        gate.set()
+        service.encoder.batcher.close()
+        service.encoder.batcher = own
