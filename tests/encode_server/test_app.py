@@ -14,10 +14,11 @@ import uvicorn
 from encode_server.app import build_app
 from encode_server.batcher import VisionBatcher
 from encode_server.config import EncodeSettings
-from encode_server.protocol import CONTENT_TYPE, EncodeRequest, encode
+from encode_server.protocol import CONTENT_TYPE, encode
 from tests.e2e.conftest import free_port
+from tests.encode_server.conftest import gated_tower, room_request, wait_started
 from tests.language_server.conftest import data_url, image_message, make_image
-from transfer import BufferSpec, ReceiverSettings, RoomFailed, TransferReceiver, descriptor_to_builtins
+from transfer import BufferSpec, ReceiverSettings, RoomFailed, TransferReceiver
 
 
 def test_a_caller_that_hangs_up_cancels_its_encode(tiny_model_dir):
@@ -25,18 +26,9 @@ def test_a_caller_that_hangs_up_cancels_its_encode(tiny_model_dir):
 
     app = build_app(EncodeSettings(model=str(tiny_model_dir), cache_bytes=0))
     enc = app.state.service.encoder
-    gate, seen, vision = threading.Event(), [], enc.vision
-
-    class Gated:  # the vision tower, busy with another request's image until `gate`
-        merge_unit = vision.merge_unit
-
-        def __call__(self, pixels, grid):
-            seen.append(grid.tolist())
-            gate.wait(20)
-            return vision(pixels, grid)
-
+    tower, gate, seen = gated_tower(enc.vision)  # busy with another request's image until `gate`
     enc.batcher.close()
-    enc.batcher = VisionBatcher(Gated(), 1 << 30)
+    enc.batcher = VisionBatcher(tower, 1 << 30)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     serving = threading.Thread(target=server.run, daemon=True)
@@ -52,16 +44,8 @@ def test_a_caller_that_hangs_up_cancels_its_encode(tiny_model_dir):
             time.sleep(0.05)
         p, g = enc.pre.images_to_patches([make_image(32, 32, 5)])
         busy = enc.batcher.submit(p, g[0])
-        while not seen:  # its forward has started: the next image waits in the queue
-            assert time.monotonic() < end
-            time.sleep(0.01)
-        desc = rx.open_room(64)
-        req = EncodeRequest(
-            room=desc.room,
-            messages=image_message("?", [data_url(make_image(40, 40, 6))]),
-            descriptor=descriptor_to_builtins(desc),
-            deadline_s=20,
-        )
+        wait_started(seen)  # the next image waits in the queue
+        desc, req = room_request(rx, image_message("?", [data_url(make_image(40, 40, 6))]))
         with pytest.raises(httpx.ReadTimeout):  # the caller gives up and closes its connection
             httpx.post(
                 url + "/v1/encode", content=encode(req), headers={"content-type": CONTENT_TYPE}, timeout=1

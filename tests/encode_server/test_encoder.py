@@ -12,6 +12,7 @@ from PIL import Image
 from deepsplit.model.generate import encode_prompts
 from encode_server.cache import CachedRows, EmbeddingCache
 from encode_server.encoder import Encoder
+from tests.encode_server.conftest import gated_tower
 
 
 def _img(h, w, seed):
@@ -95,19 +96,9 @@ def test_busy_tower_skips_cancelled_work_and_reports_progress(encoder):
     let the health check vouch for a busy tower without queueing behind it."""
     from encode_server.batcher import VisionBatcher
 
-    gate = threading.Event()
-    seen = []
-
-    class Gated:
-        merge_unit = encoder.vision.merge_unit
-
-        def __call__(self, pixels, grid):
-            seen.append(grid.tolist())
-            gate.wait(10)
-            return encoder.vision(pixels, grid)
-
+    tower, gate, seen = gated_tower(encoder.vision)
     p, g = encoder.pre.images_to_patches([_img(64, 64, 7)])
-    batcher = VisionBatcher(Gated(), max_batch_patches=p.shape[0])  # one image per forward
+    batcher = VisionBatcher(tower, max_batch_patches=p.shape[0])  # one image per forward
     try:
         first = batcher.submit(p, g[0])
         queued = batcher.submit(p, g[0])

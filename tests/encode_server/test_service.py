@@ -13,10 +13,10 @@ import pytest
 
 from encode_server.config import EncodeSettings
 from encode_server.metrics import EncodeMetrics
-from encode_server.protocol import EncodeRequest
 from encode_server.service import EncodeService
+from tests.encode_server.conftest import gated_tower, room_request, wait_started
 from tests.language_server.conftest import data_url, image_message, make_image
-from transfer import BufferSpec, ReceiverSettings, RoomFailed, TransferReceiver, descriptor_to_builtins
+from transfer import BufferSpec, ReceiverSettings, RoomFailed, TransferReceiver
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,7 @@ def receiver(tiny_model_dir):
 
 
 def ask(service, rx, messages, cancelled=None):
-    desc = rx.open_room(64)
-    req = EncodeRequest(
-        room=desc.room, messages=messages, descriptor=descriptor_to_builtins(desc), deadline_s=20
-    )
+    desc, req = room_request(rx, messages)
     return desc, service.handle(req, cancelled)
 
 
@@ -76,13 +73,7 @@ def test_a_language_node_gone_fails_the_request_long_before_its_deadline(service
     """The language node's receiver closes after handing out its descriptor (its process died): the
     encoder's send sees the connection closed and answers at once instead of holding its slot for the
     request's 20 s deadline."""
-    desc = receiver.open_room(64)
-    req = EncodeRequest(
-        room=desc.room,
-        messages=image_message("What?", [data_url(make_image(32, 48, 2))]),
-        descriptor=descriptor_to_builtins(desc),
-        deadline_s=20,
-    )
+    desc, req = room_request(receiver, image_message("What?", [data_url(make_image(32, 48, 2))]))
     receiver.close()
     t = time.monotonic()
     resp = service.handle(req)
@@ -111,24 +102,12 @@ def test_transfer_settings_reach_the_sender(tiny_model_dir):
 def test_a_request_given_up_while_its_images_wait_is_never_computed(service, receiver):
     from encode_server.batcher import VisionBatcher
 
-    gate, seen, vision = threading.Event(), [], service.encoder.vision
-
-    class Gated:  # the vision tower, busy with another request's image until `gate`
-        merge_unit = vision.merge_unit
-
-        def __call__(self, pixels, grid):
-            seen.append(grid.tolist())
-            gate.wait(20)
-            return vision(pixels, grid)
-
-    own, service.encoder.batcher = service.encoder.batcher, VisionBatcher(Gated(), 1 << 30)
+    tower, gate, seen = gated_tower(service.encoder.vision)  # busy with another image until `gate`
+    own, service.encoder.batcher = service.encoder.batcher, VisionBatcher(tower, 1 << 30)
     try:
         p, g = service.encoder.pre.images_to_patches([make_image(32, 32, 5)])
         busy = service.encoder.batcher.submit(p, g[0])
-        end = time.monotonic() + 10
-        while not seen:  # its forward has started: what comes next waits in the queue
-            assert time.monotonic() < end
-            time.sleep(0.01)
+        wait_started(seen)  # what comes next waits in the queue
         cancelled, out = threading.Event(), {}
         img = make_image(40, 40, 6)
         msgs = image_message("?", [data_url(img)])
