@@ -1,9 +1,9 @@
 """The engine loop: one thread running `schedule -> run -> postprocess` while there is work.
 
 Other threads (the asyncio HTTP side) only call the thread-safe `add`, `inputs_ready`,
-`inputs_failed`, `abort` and `fail_all`, which enqueue commands; results come back through each request's
-`sink` callable, invoked on the engine thread (the caller hops it to its own loop). It decides when
-a request ends (EOS, stop ids/strings, max_tokens) and frees everything it held.
+`inputs_failed`, `abort` and `fail_all`, which enqueue commands; results come back through each
+request's `sink` callable, invoked on the engine thread (the caller hops it to its own loop). It
+decides when a request ends (EOS, stop ids/strings, max_tokens) and frees everything it held.
 """
 
 from __future__ import annotations
