@@ -90,6 +90,9 @@ class LanguageSettings(BaseModel):
     max_waiting_requests: int = Field(256, ge=1, description="queued requests beyond this get 429")
     # requests
     default_max_tokens: int = Field(256, ge=1)
+    max_logprobs: int = Field(
+        20, ge=0, description="most alternatives a request may ask per token (top_logprobs, logprobs)"
+    )
     max_images_per_request: int = Field(8, ge=0)
     max_request_bytes: int = Field(32 * 2**20, ge=1024, description="larger bodies get 413")
     max_image_bytes: int = Field(20 * 2**20, ge=1)

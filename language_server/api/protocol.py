@@ -1,7 +1,10 @@
 """Typed OpenAI-compatible request bodies (the subset deepsplit serves) and response builders.
 
-Unknown fields are ignored (OpenAI clients send many); fields we do read are validated strictly.
-The HTTP layer turns a `ValidationError` into a 400 naming the field. No engine logic here.
+Unknown fields are ignored (OpenAI clients send many); fields we do read are validated strictly,
+and `null` means the field's default, as in OpenAI's API. Options that would change the answer and
+that deepsplit does not implement (several choices, tool calls, JSON mode, suffix) are refused
+rather than ignored. The HTTP layer turns a `ValidationError` into a 400 naming the field. No
+engine logic here.
 """
 
 from __future__ import annotations
@@ -9,11 +12,23 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class _Nullable(_Lenient):
+    @field_validator("*", mode="before")
+    @classmethod
+    def _null_is_default(cls, v, info):
+        """OpenAI's fields are nullable: `"temperature": null` asks for the default."""
+        if v is None and info.field_name is not None:
+            f = cls.model_fields[info.field_name]
+            if not f.is_required():
+                return f.get_default(call_default_factory=True)
+        return v
 
 
 class TextPart(_Lenient):
@@ -39,11 +54,11 @@ class ChatMessage(_Lenient):
     content: str | list[ContentPart] | None = None
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(_Nullable):
     include_usage: bool = False
 
 
-class _Sampling(_Lenient):
+class _Sampling(_Nullable):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -56,6 +71,23 @@ class _Sampling(_Lenient):
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension (vLLM, sglang)")
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for k, b in (v or {}).items():
+            if not k.strip().isdigit():
+                raise ValueError(f"keys must be token ids, got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"bias of token {k} is {b}; biases must be in [-100, 100]")
+        return v
+
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -66,6 +98,26 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, why) if the request asks for something this server does not do."""
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt != "text":
+            return "response_format", f"response_format {fmt!r} is not supported (only 'text')"
+        if self.tools and self.tool_choice != "none":
+            return "tools", "tool calls are not supported (send no tools, or tool_choice 'none')"
+        return None
+
+    def logprobs_k(self) -> int | None:
+        """None: no logprobs; k: each token's log-probability and its k most likely alternatives."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -99,6 +151,20 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=1)
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs is not supported (it needs the prompt's logprobs)"
+        return None
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -108,27 +174,33 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_chunk(rid: str, model: str, created: int, delta: dict, finish: str | None) -> dict:
+def chat_chunk(
+    rid: str, model: str, created: int, delta: dict, finish: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None) -> dict:
+def completion_chunk(
+    rid: str, model: str, created: int, text: str, finish: str | None, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 
-def chat_response(rid: str, model: str, text: str, finish: str, prompt: int, completion: int) -> dict:
+def chat_response(
+    rid: str, model: str, text: str, finish: str, prompt: int, completion: int, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -138,7 +210,7 @@ def chat_response(rid: str, model: str, text: str, finish: str, prompt: int, com
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
         ],
@@ -146,12 +218,14 @@ def chat_response(rid: str, model: str, text: str, finish: str, prompt: int, com
     }
 
 
-def completion_response(rid: str, model: str, text: str, finish: str, prompt: int, completion: int) -> dict:
+def completion_response(
+    rid: str, model: str, text: str, finish: str, prompt: int, completion: int, logprobs: dict | None = None
+) -> dict:
     return {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
         "usage": usage(prompt, completion),
     }

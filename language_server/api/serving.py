@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from language_server.api import protocol as P
 from language_server.api.errors import APIError, bad_request
+from language_server.api.logprobs import TokenText
 from language_server.api.metrics import Metrics
 from language_server.engine.engine import Engine, RequestOutput
 from language_server.engine.sequence import SamplingParams, Sequence, Status
@@ -38,10 +39,11 @@ class Serving:
     ) -> None:
         self.s, self.engine, self.pre, self.provider = settings, engine, preprocessor, provider
         self.metrics, self.max_model_len, self.vocab_size = metrics, max_model_len, vocab_size
+        self.token_text = TokenText(preprocessor.tokenizer)
 
     # -- endpoints ----------------------------------------------------------------------------
     async def chat(self, request: Request, body: P.ChatCompletionRequest) -> object:
-        self._check_model(body.model)
+        self._check_model(body)
         messages, images = body.to_dicts(), body.image_urls()
         if len(images) > self.s.max_images_per_request:
             raise bad_request(
@@ -68,7 +70,7 @@ class Serving:
         return await self._respond(request, "chat", body, seq, queue)
 
     async def completion(self, request: Request, body: P.CompletionRequest) -> object:
-        self._check_model(body.model)
+        self._check_model(body)
         if isinstance(body.prompt, str):
             ids = self.pre.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
             if not ids:
@@ -78,18 +80,25 @@ class Serving:
             if any(not 0 <= t < self.vocab_size for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
         seq = Sequence(f"cmpl-{uuid.uuid4().hex}", ids, self._params(body, len(ids)))
+        echo = ""
+        if body.echo:
+            echo = body.prompt if isinstance(body.prompt, str) else self.pre.tokenizer.decode(ids)
         queue = await self._submit(seq, [], [], None)
-        return await self._respond(request, "completions", body, seq, queue)
+        return await self._respond(request, "completions", body, seq, queue, echo)
 
     # -- validation ---------------------------------------------------------------------------
-    def _check_model(self, model: str) -> None:
-        if model != self.s.model_name:
+    def _check_model(self, body: P._Sampling) -> None:
+        """The request names this server's model and asks for nothing it does not do."""
+        if body.model != self.s.model_name:
             raise APIError(
                 404,
-                f"model {model!r} does not exist; this server serves {self.s.model_name!r}",
+                f"model {body.model!r} does not exist; this server serves {self.s.model_name!r}",
                 "model",
                 "model_not_found",
             )
+        refused = body.unsupported()
+        if refused is not None:
+            raise bad_request(refused[1], refused[0], "unsupported")
 
     def _params(self, body: P._Sampling, prompt_len: int | None) -> SamplingParams:
         asked = body.requested_max_tokens()
@@ -101,6 +110,17 @@ class Serving:
         stop = body.stop_list()
         if len(stop) > 16 or any(len(x) > 256 for x in stop):
             raise bad_request("at most 16 stop strings of at most 256 characters", "stop")
+        k = body.logprobs_k()
+        if k is not None and k > self.s.max_logprobs:
+            param = "top_logprobs" if isinstance(body, P.ChatCompletionRequest) else "logprobs"
+            raise bad_request(
+                f"{param}={k} is more than this server's max_logprobs ({self.s.max_logprobs})", param
+            )
+        bias = body.bias()
+        if any(not 0 <= t < self.vocab_size for t, _ in bias):
+            raise bad_request(f"logit_bias token ids must be in [0, {self.vocab_size})", "logit_bias")
+        if len(bias) > 1024:
+            raise bad_request("logit_bias may name at most 1024 tokens", "logit_bias")
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -110,6 +130,11 @@ class Serving:
             stop=stop,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
+            logprobs=k,
+            repetition_penalty=body.repetition_penalty,
+            frequency_penalty=body.frequency_penalty,
+            presence_penalty=body.presence_penalty,
+            logit_bias=bias,
         )
 
     def _fit(self, prompt_len: int, asked: int | None) -> int:
@@ -228,18 +253,25 @@ class Serving:
                 self.engine.abort(seq.id)
                 self.metrics.aborted.inc()
 
-    async def _respond(self, request: Request, endpoint: str, body, seq: Sequence, queue) -> object:
+    async def _respond(
+        self, request: Request, endpoint: str, body, seq: Sequence, queue, echo: str = ""
+    ) -> object:
+        """The request's answer: JSON, or SSE chunks if it streams; `echo` (completions) is the
+        prompt text the answer starts with."""
         events = self._events(seq, queue, endpoint)
+        want_logprobs = body.logprobs_k() is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(endpoint, seq.id, events, include_usage), media_type="text/event-stream"
+                self._sse(endpoint, seq.id, events, include_usage, want_logprobs, echo),
+                media_type="text/event-stream",
             )
         watcher = asyncio.create_task(self._watch_disconnect(request, seq.id))
-        text, out = [], None
+        text, lps, out = [], [], None
         try:
             async for out in events:
                 text.append(out.text)
+                lps.extend(out.logprobs)
         finally:
             watcher.cancel()
             await events.aclose()
@@ -247,15 +279,20 @@ class Serving:
             raise APIError(out.error_status, out.error or "generation failed")
         if out.finish_reason == "abort":
             raise APIError(499, "request aborted", code="aborted", type_="aborted")
-        make = P.chat_response if endpoint == "chat" else P.completion_response
+        chat = endpoint == "chat"
+        logprobs = None
+        if want_logprobs:
+            logprobs = self.token_text.chat(lps) if chat else self.token_text.completion(lps, len(echo))
+        make = P.chat_response if chat else P.completion_response
         return JSONResponse(
             make(
                 seq.id,
                 self.s.model_name,
-                "".join(text),
+                echo + "".join(text),
                 out.finish_reason,
                 out.prompt_tokens,
                 out.completion_tokens,
+                logprobs,
             )
         )
 
@@ -271,15 +308,27 @@ class Serving:
             if request is not None and await request.is_disconnected():
                 return
 
-    async def _sse(self, endpoint: str, rid: str, events, include_usage: bool) -> AsyncIterator[str]:
+    async def _sse(
+        self, endpoint: str, rid: str, events, include_usage: bool, want_logprobs: bool, echo: str = ""
+    ) -> AsyncIterator[str]:
         model, created = self.s.model_name, int(time.time())
         chat = endpoint == "chat"
+        offset = len(echo)  # where the next tokens' text starts (completions' text_offset)
 
-        def chunk(text: str, finish: str | None, delta: dict | None = None) -> str:
+        def chunk(text: str, finish: str | None, delta: dict | None = None, lps=()) -> str:
+            nonlocal offset
+            logprobs = None
+            if lps and chat:
+                logprobs = self.token_text.chat(list(lps))
+            elif lps:
+                logprobs = self.token_text.completion(list(lps), offset)
+                offset += sum(len(t) for t in logprobs["tokens"])
             c = (
-                P.chat_chunk(rid, model, created, delta if delta is not None else {"content": text}, finish)
+                P.chat_chunk(
+                    rid, model, created, delta if delta is not None else {"content": text}, finish, logprobs
+                )
                 if chat
-                else P.completion_chunk(rid, model, created, text, finish)
+                else P.completion_chunk(rid, model, created, text, finish, logprobs)
             )
             if include_usage:
                 c["usage"] = None
@@ -288,14 +337,17 @@ class Serving:
         try:
             if chat:
                 yield chunk("", None, {"role": "assistant", "content": ""})
+            elif echo:
+                yield chunk(echo, None)
             async for out in events:
                 if out.finish_reason == "error":
                     err = APIError(out.error_status, out.error or "generation failed").body()
                     yield f"data: {json.dumps(err)}\n\n"
                     break
+                lps = out.logprobs if want_logprobs else ()
+                if out.text or lps:
+                    yield chunk(out.text, None, lps=lps)
                 if out.finished:
-                    if out.text:
-                        yield chunk(out.text, None)
                     yield chunk("", out.finish_reason, {} if chat else None)
                     if include_usage:
                         c = (P.chat_chunk if chat else P.completion_chunk)(
@@ -303,8 +355,6 @@ class Serving:
                         )
                         c["choices"], c["usage"] = [], P.usage(out.prompt_tokens, out.completion_tokens)
                         yield f"data: {json.dumps(c)}\n\n"
-                elif out.text:
-                    yield chunk(out.text, None)
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()

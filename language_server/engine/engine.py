@@ -20,6 +20,7 @@ import torch
 
 from language_server.engine.detokenizer import Detokenizer
 from language_server.engine.runner import ModelRunner
+from language_server.engine.sampler import TokenLogprobs
 from language_server.engine.scheduler import Scheduler, SchedulerOutput
 from language_server.engine.sequence import Sequence, Status
 from language_server.mm.base import MultimodalInputs
@@ -38,6 +39,7 @@ class RequestOutput:
     completion_tokens: int = 0
     error: str | None = None
     error_status: int = 400  # HTTP status the error maps to
+    logprobs: tuple[TokenLogprobs, ...] = ()  # of `token_ids`, when the request asked for them
 
 
 Sink = Callable[[RequestOutput], None]
@@ -158,13 +160,14 @@ class Engine:
             self._end(seq.id, seq.finish_reason or "length")
         for s in out.scheduled:
             if s.samples and s.seq.id in tokens:
-                self._append(s.seq, tokens[s.seq.id])
+                self._append(s.seq, *tokens[s.seq.id])
         self.steps += 1
         if self.on_step is not None:
             self.on_step(out, time.perf_counter() - t0)
 
-    def _append(self, seq: Sequence, tok: int) -> None:
+    def _append(self, seq: Sequence, tok: int, lp: TokenLogprobs | None = None) -> None:
         _, sink, detok = self._seqs[seq.id]
+        lps = (lp,) if lp is not None else ()
         seq.output_ids.append(tok)
         p = seq.params
         reason, text = None, ""
@@ -177,16 +180,24 @@ class Engine:
             elif len(seq.output_ids) >= p.max_tokens:
                 reason = "length"
         if reason is None:
+            n = len(seq.output_ids)
             sink(
                 RequestOutput(
-                    seq.id, text, (tok,), prompt_tokens=seq.num_prompt, completion_tokens=len(seq.output_ids)
+                    seq.id, text, (tok,), prompt_tokens=seq.num_prompt, completion_tokens=n, logprobs=lps
                 )
             )
         else:
-            self._end(seq.id, reason, None, text, (tok,))
+            self._end(seq.id, reason, None, text, (tok,), lps=lps)
 
     def _end(
-        self, seq_id: str, reason: str, error: str | None = None, text: str = "", toks=(), status: int = 400
+        self,
+        seq_id: str,
+        reason: str,
+        error: str | None = None,
+        text: str = "",
+        toks=(),
+        status: int = 400,
+        lps: tuple[TokenLogprobs, ...] = (),
     ) -> None:
         seq, sink, detok = self._seqs.pop(seq_id)
         self.scheduler.finish(seq, reason)
@@ -195,7 +206,16 @@ class Engine:
             text += detok.flush()  # held-back text can no longer start a stop string
         sink(
             RequestOutput(
-                seq.id, text, tuple(toks), True, reason, seq.num_prompt, len(seq.output_ids), error, status
+                seq.id,
+                text,
+                tuple(toks),
+                True,
+                reason,
+                seq.num_prompt,
+                len(seq.output_ids),
+                error,
+                status,
+                lps,
             )
         )
 

@@ -15,7 +15,7 @@ import torch
 
 from deepsplit import native
 from deepsplit.model.attention import AttentionMetadata, PagedKVCache
-from language_server.engine.sampler import RowParams, sample
+from language_server.engine.sampler import RowParams, TokenLogprobs, logit_rows, sample, token_logprobs
 from language_server.engine.scheduler import SchedulerOutput
 from language_server.mm.base import MultimodalInputs
 
@@ -70,7 +70,9 @@ class ModelRunner:
 
     # -- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> dict[str, int]:
+    def run(self, out: SchedulerOutput) -> dict[str, tuple[int, TokenLogprobs | None]]:
+        """seq id -> (next token, its log-probabilities if the request asked) for every sequence
+        whose chunk reached its end."""
         t0 = time.perf_counter()
         bs = self.block_size
         ids: list[int] = []
@@ -107,16 +109,15 @@ class ModelRunner:
         emb, ds = self._vision_inputs(ids_t, vis_parts)
         hidden = self.lm(ids_t, _stack_positions(pos), meta, self.kv, emb, ds)
         self._release_consumed(out)
-        result: dict[str, int] = {}
+        result: dict[str, tuple[int, TokenLogprobs | None]] = {}
         if sample_rows:
             if len(sample_rows) < row:
                 hidden = hidden[torch.tensor(sample_rows)]
             params = [self._row_params(seq) for seq in sample_seqs]
-            best, logits = self.lm.sample_logits(
-                hidden, [i for i, p in enumerate(params) if p.temperature > 0]
-            )
+            best, logits = self.lm.sample_logits(hidden, logit_rows(params))
             toks = sample(logits, params, best)
-            result = {seq.id: t for seq, t in zip(sample_seqs, toks, strict=True)}
+            lps = token_logprobs(logits, params, toks)
+            result = {seq.id: (t, lp) for seq, t, lp in zip(sample_seqs, toks, lps, strict=True)}
         self.last_step_s = time.perf_counter() - t0
         return result
 
@@ -162,14 +163,24 @@ class ModelRunner:
 
     def _row_params(self, seq) -> RowParams:
         p = seq.params
-        if p.greedy:
-            return RowParams(0.0)
         gen = None
-        if p.seed is not None:
+        if p.seed is not None and not p.greedy:
             gen = self._generators.get(seq.id)
             if gen is None:
                 gen = self._generators[seq.id] = torch.Generator().manual_seed(p.seed)
-        return RowParams(p.temperature, p.top_p, p.top_k, gen)
+        return RowParams(
+            max(p.temperature, 0.0),
+            p.top_p,
+            p.top_k,
+            gen,
+            p.logprobs,
+            p.repetition_penalty,
+            p.frequency_penalty,
+            p.presence_penalty,
+            p.logit_bias,
+            seq.prompt_ids,
+            seq.output_ids,
+        )
 
 
 def _stack_positions(parts: list) -> torch.Tensor:

@@ -46,7 +46,8 @@ def chat(url: str, messages, n: int = 8, stream: bool = False) -> str:
     return "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
 
 
-def oracle(hf, pre, messages, n: int) -> str:
+def oracle(hf, pre, messages, n: int, logprobs: bool = False):
+    """transformers' greedy answer (with `logprobs`: its tokens and each step's log-softmax)."""
     urls = [p["image_url"]["url"] for m in messages for p in m["content"] if p.get("type") == "image_url"]
     decoded = [Image.open(io.BytesIO(base64.b64decode(u.split(",", 1)[1]))).convert("RGB") for u in urls]
     p = pre.prepare(messages, decoded)
@@ -60,7 +61,12 @@ def oracle(hf, pre, messages, n: int) -> str:
             pixel_values=p.pixel_values,
             image_grid_thw=torch.tensor(p.grid_thw),
             mm_token_type_ids=(ids == pre.image_token_id).int(),
+            output_logits=logprobs,
+            return_dict_in_generate=logprobs,
         )
+    if logprobs:
+        toks = out.sequences[0, ids.shape[1] :].tolist()
+        return toks, [torch.log_softmax(x[0].float(), -1) for x in out.logits]
     return pre.decode(out[0, ids.shape[1] :].tolist())
 
 
@@ -86,6 +92,22 @@ def test_greedy_identical_across_zmq_mooncake_monolithic_and_transformers(case, 
         assert pool_used(cluster[mode]) == 0
     transfer = httpx.get(cluster["mooncake"].url + "/debug/engine").json()["transfer"]
     assert transfer["resumes"] >= 2 and transfer.get("failed", 0) == 0  # rooms of 8 rows: resumed
+
+
+def test_image_logprobs_equal_across_modes_and_transformers(cluster, hf_oracle, pre):
+    messages = case_messages("png_and_jpeg")
+    toks, lps = oracle(hf_oracle, pre, messages, 4, logprobs=True)
+    for mode in MODES:
+        r = openai_client(cluster[mode].url).chat.completions.create(
+            model="tiny", messages=messages, max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY
+        )
+        content = r.choices[0].logprobs.content
+        assert [e.token for e in content] == [pre.tokenizer.decode([t]) for t in toks], mode
+        for e, t, lp in zip(content, toks, lps, strict=True):
+            assert e.logprob == pytest.approx(lp[t].item(), abs=1e-3), mode
+            assert [x.token for x in e.top_logprobs] == [
+                pre.tokenizer.decode([i]) for i in lp.topk(2).indices
+            ]
 
 
 def test_both_encoders_take_load_and_text_needs_none(cluster):

@@ -117,6 +117,27 @@ def b64url(data: bytes) -> str:
             ["3 images", "at most 2"],
             "messages",
         ),
+        (chat("hi", top_logprobs=2), 400, ["needs logprobs"], "top_logprobs"),
+        (chat("hi", logprobs=True, top_logprobs=21), 400, ["max_logprobs (20)"], "top_logprobs"),
+        (chat("hi", logprobs=True, top_logprobs=-1), 400, ["top_logprobs"], "top_logprobs"),
+        (chat("hi", presence_penalty=2.5), 400, ["presence_penalty"], "presence_penalty"),
+        (chat("hi", frequency_penalty=-3), 400, ["frequency_penalty"], "frequency_penalty"),
+        (chat("hi", repetition_penalty=0), 400, ["repetition_penalty"], "repetition_penalty"),
+        (chat("hi", logit_bias={"the": 5}), 400, ["token ids", "'the'"], "logit_bias"),
+        (chat("hi", logit_bias={"7": 101}), 400, ["[-100, 100]"], "logit_bias"),
+        (chat("hi", logit_bias={str(10**7): 1}), 400, ["logit_bias", "[0, "], "logit_bias"),
+        (
+            chat("hi", response_format={"type": "json_object"}),
+            400,
+            ["'json_object' is not supported"],
+            "response_format",
+        ),
+        (
+            chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]),
+            400,
+            ["tool calls are not supported"],
+            "tools",
+        ),
     ],
     ids=[
         "unknown-model",
@@ -139,6 +160,17 @@ def b64url(data: bytes) -> str:
         "http-disabled",
         "bad-scheme",
         "too-many-images",
+        "top-logprobs-without-logprobs",
+        "too-many-logprobs",
+        "negative-top-logprobs",
+        "presence-penalty",
+        "frequency-penalty",
+        "repetition-penalty",
+        "logit-bias-key",
+        "logit-bias-value",
+        "logit-bias-id",
+        "json-mode",
+        "tools",
     ],
 )
 def test_bad_requests(server, body, status, words, param):
@@ -162,6 +194,30 @@ def test_completions_errors(server):
     assert_error(
         post(server, {"model": "tiny", "prompt": "hi", "stop_token_ids": [-1]}, "/v1/completions"), 400
     )
+    for extra, words, param in [
+        ({"logprobs": 21}, ["max_logprobs"], "logprobs"),
+        ({"echo": True, "logprobs": 1}, ["echo with logprobs"], "echo"),
+        ({"suffix": "end"}, ["suffix"], "suffix"),
+        ({"best_of": 2}, ["best_of"], "best_of"),
+    ]:
+        body = {"model": "tiny", "prompt": "hi", **extra}
+        assert_error(post(server, body, "/v1/completions"), 400, *words, param=param)
+
+
+def test_null_fields_mean_their_defaults(server):
+    """OpenAI's request fields are nullable; some clients send every field, unset ones as null."""
+    nulls = dict.fromkeys(
+        ["temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty"]
+        + ["logit_bias", "logprobs", "top_logprobs", "stream", "stream_options", "response_format"]
+        + ["tools", "tool_choice", "max_completion_tokens"]
+    )
+    r = post(server, chat("hi", **nulls))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 4 or r.json()["choices"][0]["finish_reason"] == "stop"
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": None, "logprobs": None, "echo": None}
+    r = post(server, body, "/v1/completions")
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 16 and r.json()["choices"][0]["logprobs"] is None
 
 
 def test_openai_client_raises_typed_errors(client):
