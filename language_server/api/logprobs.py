@@ -76,3 +76,19 @@ class TokenText:
             "top_logprobs": top,
             "text_offset": offsets,
         }
+
+    def prompt(self, prompt_ids: list[int], lps: tuple[TokenLogprobs, ...]) -> dict:
+        """The echoed prompt's part of a legacy completion's `logprobs` (tokens 1.. scored in `lps`;
+        the first token has nothing before it: null, as in OpenAI's and vLLM's answers)."""
+        out = self.completion(list(lps), len(self.text(prompt_ids[0])))
+        return {
+            "tokens": [self.text(prompt_ids[0])] + out["tokens"],
+            "token_logprobs": [None] + out["token_logprobs"],
+            "top_logprobs": [None] + out["top_logprobs"],
+            "text_offset": [0] + out["text_offset"],
+        }
+
+
+def joined(*parts: dict) -> dict:
+    """Legacy completion `logprobs` of consecutive pieces of text as one."""
+    return {key: [x for p in parts for x in p[key]] for key in parts[0]}

@@ -150,7 +150,7 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=1)
@@ -159,15 +159,16 @@ class CompletionRequest(_Sampling):
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix is not supported"
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs is not supported (it needs the prompt's logprobs)"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens must be at least 1 (0 only with echo)"
         return None
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        # max_tokens 0 (echo: the prompt scored): the engine computes one token, the answer drops it
+        return 1 if self.max_tokens == 0 else self.max_tokens
 
 
 def usage(prompt: int, completion: int) -> dict:

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from language_server.api import protocol as P
 from language_server.api.errors import APIError, bad_request
-from language_server.api.logprobs import TokenText
+from language_server.api.logprobs import TokenText, joined
 from language_server.api.metrics import Metrics
 from language_server.engine.engine import Engine, RequestOutput
 from language_server.engine.sequence import SamplingParams, Sequence, Status
@@ -79,12 +79,14 @@ class Serving:
             ids = list(body.prompt)
             if any(not 0 <= t < self.vocab_size for t in ids):
                 raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        seq = Sequence(f"cmpl-{uuid.uuid4().hex}", ids, self._params(body, len(ids)))
+        params = self._params(body, len(ids))
         echo = ""
         if body.echo:
             echo = body.prompt if isinstance(body.prompt, str) else self.pre.tokenizer.decode(ids)
+            params = replace(params, prompt_logprobs=params.logprobs)
+        seq = Sequence(f"cmpl-{uuid.uuid4().hex}", ids, params)
         queue = await self._submit(seq, [], [], None)
-        return await self._respond(request, "completions", body, seq, queue, echo)
+        return await self._respond(request, "completions", body, seq, queue, echo, body.max_tokens != 0)
 
     # -- validation ---------------------------------------------------------------------------
     def _check_model(self, body: P._Sampling) -> None:
@@ -254,24 +256,26 @@ class Serving:
                 self.metrics.aborted.inc()
 
     async def _respond(
-        self, request: Request, endpoint: str, body, seq: Sequence, queue, echo: str = ""
+        self, request: Request, endpoint: str, body, seq: Sequence, queue, echo: str = "", keep: bool = True
     ) -> object:
         """The request's answer: JSON, or SSE chunks if it streams; `echo` (completions) is the
-        prompt text the answer starts with."""
+        prompt text the answer starts with (with the prompt's logprobs if asked); without `keep` the
+        generated token is left out (completions' max_tokens 0 with echo)."""
         events = self._events(seq, queue, endpoint)
         want_logprobs = body.logprobs_k() is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
-                self._sse(endpoint, seq.id, events, include_usage, want_logprobs, echo),
+                self._sse(endpoint, seq.id, events, include_usage, want_logprobs, echo, seq.prompt_ids, keep),
                 media_type="text/event-stream",
             )
         watcher = asyncio.create_task(self._watch_disconnect(request, seq.id))
-        text, lps, out = [], [], None
+        text, lps, plps, out = [], [], None, None
         try:
             async for out in events:
                 text.append(out.text)
                 lps.extend(out.logprobs)
+                plps = out.prompt_logprobs if plps is None else plps
         finally:
             watcher.cancel()
             await events.aclose()
@@ -280,9 +284,15 @@ class Serving:
         if out.finish_reason == "abort":
             raise APIError(499, "request aborted", code="aborted", type_="aborted")
         chat = endpoint == "chat"
+        if not keep:
+            text, lps = [], []
         logprobs = None
-        if want_logprobs:
-            logprobs = self.token_text.chat(lps) if chat else self.token_text.completion(lps, len(echo))
+        if want_logprobs and chat:
+            logprobs = self.token_text.chat(lps)
+        elif want_logprobs:
+            logprobs = self.token_text.completion(lps, len(echo))
+            if echo:
+                logprobs = joined(self.token_text.prompt(seq.prompt_ids, plps or ()), logprobs)
         make = P.chat_response if chat else P.completion_response
         return JSONResponse(
             make(
@@ -291,7 +301,7 @@ class Serving:
                 echo + "".join(text),
                 out.finish_reason,
                 out.prompt_tokens,
-                out.completion_tokens,
+                out.completion_tokens if keep else 0,
                 logprobs,
             )
         )
@@ -309,16 +319,26 @@ class Serving:
                 return
 
     async def _sse(
-        self, endpoint: str, rid: str, events, include_usage: bool, want_logprobs: bool, echo: str = ""
+        self,
+        endpoint: str,
+        rid: str,
+        events,
+        include_usage: bool,
+        want_logprobs: bool,
+        echo: str = "",
+        prompt_ids: list[int] | None = None,
+        keep: bool = True,
     ) -> AsyncIterator[str]:
         model, created = self.s.model_name, int(time.time())
         chat = endpoint == "chat"
         offset = len(echo)  # where the next tokens' text starts (completions' text_offset)
 
-        def chunk(text: str, finish: str | None, delta: dict | None = None, lps=()) -> str:
+        def chunk(text: str, finish: str | None, delta: dict | None = None, lps=(), prompt=None) -> str:
             nonlocal offset
             logprobs = None
-            if lps and chat:
+            if prompt is not None:  # the echoed prompt's own logprobs
+                logprobs = self.token_text.prompt(prompt_ids, prompt)
+            elif lps and chat:
                 logprobs = self.token_text.chat(list(lps))
             elif lps:
                 logprobs = self.token_text.completion(list(lps), offset)
@@ -337,15 +357,16 @@ class Serving:
         try:
             if chat:
                 yield chunk("", None, {"role": "assistant", "content": ""})
-            elif echo:
-                yield chunk(echo, None)
             async for out in events:
                 if out.finish_reason == "error":
                     err = APIError(out.error_status, out.error or "generation failed").body()
                     yield f"data: {json.dumps(err)}\n\n"
                     break
-                lps = out.logprobs if want_logprobs else ()
-                if out.text or lps:
+                if echo:  # first, with the prompt's logprobs, which come with the first token
+                    yield chunk(echo, None, prompt=(out.prompt_logprobs or ()) if want_logprobs else None)
+                    echo = ""
+                lps = out.logprobs if want_logprobs and keep else ()
+                if keep and (out.text or lps):
                     yield chunk(out.text, None, lps=lps)
                 if out.finished:
                     yield chunk("", out.finish_reason, {} if chat else None)
@@ -353,7 +374,8 @@ class Serving:
                         c = (P.chat_chunk if chat else P.completion_chunk)(
                             rid, model, created, {} if chat else "", None
                         )
-                        c["choices"], c["usage"] = [], P.usage(out.prompt_tokens, out.completion_tokens)
+                        done = out.completion_tokens if keep else 0
+                        c["choices"], c["usage"] = [], P.usage(out.prompt_tokens, done)
                         yield f"data: {json.dumps(c)}\n\n"
             yield "data: [DONE]\n\n"
         finally:

@@ -40,6 +40,7 @@ class RequestOutput:
     error: str | None = None
     error_status: int = 400  # HTTP status the error maps to
     logprobs: tuple[TokenLogprobs, ...] = ()  # of `token_ids`, when the request asked for them
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # of prompt tokens 1.., with the first token
 
 
 Sink = Callable[[RequestOutput], None]
@@ -170,6 +171,9 @@ class Engine:
         lps = (lp,) if lp is not None else ()
         seq.output_ids.append(tok)
         p = seq.params
+        plps = None  # with the first token: prefill has scored the whole prompt
+        if p.prompt_logprobs is not None and len(seq.output_ids) == 1:
+            plps = self.runner.prompt_logprobs(seq.id)
         reason, text = None, ""
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             reason = "stop"
@@ -183,11 +187,17 @@ class Engine:
             n = len(seq.output_ids)
             sink(
                 RequestOutput(
-                    seq.id, text, (tok,), prompt_tokens=seq.num_prompt, completion_tokens=n, logprobs=lps
+                    seq.id,
+                    text,
+                    (tok,),
+                    prompt_tokens=seq.num_prompt,
+                    completion_tokens=n,
+                    logprobs=lps,
+                    prompt_logprobs=plps,
                 )
             )
         else:
-            self._end(seq.id, reason, None, text, (tok,), lps=lps)
+            self._end(seq.id, reason, None, text, (tok,), lps=lps, plps=plps)
 
     def _end(
         self,
@@ -198,6 +208,7 @@ class Engine:
         toks=(),
         status: int = 400,
         lps: tuple[TokenLogprobs, ...] = (),
+        plps: tuple[TokenLogprobs, ...] | None = None,
     ) -> None:
         seq, sink, detok = self._seqs.pop(seq_id)
         self.scheduler.finish(seq, reason)
@@ -216,6 +227,7 @@ class Engine:
                 error,
                 status,
                 lps,
+                plps,
             )
         )
 

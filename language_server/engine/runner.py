@@ -2,8 +2,10 @@
 
 `run(out)` turns the scheduler's plan into ONE flattened forward (prefill chunks and decodes of many
 sequences together), scatters vision rows and deepstack into the chunks that cover image pads, and
-samples the next token of every sequence whose chunk reached its end. It frees a request's receive
-buffer (`MultimodalInputs.release`) once prefill has read all its rows. No scheduling decisions here.
+samples the next token of every sequence whose chunk reached its end. For a request that asks for its
+prompt's log-probabilities it reads them off the prefill chunks' rows (`prompt_logprobs`). It frees a
+request's receive buffer (`MultimodalInputs.release`) once prefill has read all its rows. No
+scheduling decisions here.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class ModelRunner:
         )
         self._vision: dict[str, _Vision] = {}
         self._generators: dict[str, torch.Generator] = {}
+        self._prompt_lps: dict[str, dict[int, TokenLogprobs]] = {}  # seq id -> prompt position -> ...
         self.last_step_s = 0.0
 
     @staticmethod
@@ -67,6 +70,13 @@ class ModelRunner:
         if v is not None:
             v.inputs.release()
         self._generators.pop(seq_id, None)
+        self._prompt_lps.pop(seq_id, None)
+
+    def prompt_logprobs(self, seq_id: str) -> tuple[TokenLogprobs, ...]:
+        """The log-probabilities of prompt tokens 1..N-1 (each given the tokens before it), once
+        prefill computed them all; taken, not kept."""
+        got = self._prompt_lps.pop(seq_id, {})
+        return tuple(got[p] for p in sorted(got))
 
     # -- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -78,7 +88,7 @@ class ModelRunner:
         ids: list[int] = []
         slots: list[int] = []
         pos: list = []  # per sequence: a range of text positions (all three axes) or a [3, n] tensor
-        vis_parts, sample_rows, sample_seqs = [], [], []
+        vis_parts, sample_rows, sample_seqs, prompt_parts = [], [], [], []
         qlens, clens, tables = [], [], []
         row = 0
         for s in out.scheduled:
@@ -101,6 +111,9 @@ class ModelRunner:
             if s.samples:
                 sample_rows.append(row + n - 1)
                 sample_seqs.append(seq)
+            if seq.params.prompt_logprobs is not None and a < seq.num_prompt - 1 and not seq.output_ids:
+                # (a prefill recomputed after a preemption finds them delivered with the first token)
+                prompt_parts.append((row, seq, a, min(b, seq.num_prompt - 1)))
             row += n
         width = max(len(t) for t in tables)
         block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long)
@@ -109,6 +122,8 @@ class ModelRunner:
         emb, ds = self._vision_inputs(ids_t, vis_parts)
         hidden = self.lm(ids_t, _stack_positions(pos), meta, self.kv, emb, ds)
         self._release_consumed(out)
+        for part in prompt_parts:
+            self._score_prompt(hidden, *part)
         result: dict[str, tuple[int, TokenLogprobs | None]] = {}
         if sample_rows:
             if len(sample_rows) < row:
@@ -120,6 +135,21 @@ class ModelRunner:
             result = {seq.id: (t, lp) for seq, t, lp in zip(sample_seqs, toks, lps, strict=True)}
         self.last_step_s = time.perf_counter() - t0
         return result
+
+    def _score_prompt(self, hidden: torch.Tensor, row: int, seq, a: int, upto: int) -> None:
+        """Rows [row, row + upto - a) of this step's hidden states are prompt positions [a, upto):
+        each one's logits give the log-probability of the prompt token after it (and its k best),
+        PROMPT_LOGPROBS_ROWS rows at a time so no [N, V] tensor is ever whole."""
+        k = seq.params.prompt_logprobs
+        got = self._prompt_lps.setdefault(seq.id, {})
+        for c in range(a, upto, PROMPT_LOGPROBS_ROWS):
+            d = min(upto, c + PROMPT_LOGPROBS_ROWS)
+            h = hidden[row + c - a : row + d - a]
+            _, logits = self.lm.sample_logits(h, list(range(d - c)))
+            targets = seq.prompt_ids[c + 1 : d + 1]
+            rows = [RowParams(0.0, logprobs=k)] * (d - c)
+            for p, lp in enumerate(token_logprobs(logits, rows, targets, all_rows=True), start=c + 1):
+                got[p] = lp  # by position: a prefill recomputed after preemption overwrites
 
     def _positions(self, seq, a: int, b: int) -> range | torch.Tensor:
         """M-RoPE positions of tokens [a, b): the prompt's own [3, b - a], then index + delta (a range
@@ -181,6 +211,9 @@ class ModelRunner:
             seq.prompt_ids,
             seq.output_ids,
         )
+
+
+PROMPT_LOGPROBS_ROWS = 32  # prompt rows scored at once: a [32, V] float32 block (~19 MiB for Qwen's V)
 
 
 def _stack_positions(parts: list) -> torch.Tensor:

@@ -196,7 +196,7 @@ def test_completions_errors(server):
     )
     for extra, words, param in [
         ({"logprobs": 21}, ["max_logprobs"], "logprobs"),
-        ({"echo": True, "logprobs": 1}, ["echo with logprobs"], "echo"),
+        ({"max_tokens": 0}, ["0 only with echo"], "max_tokens"),
         ({"suffix": "end"}, ["suffix"], "suffix"),
         ({"best_of": 2}, ["best_of"], "best_of"),
     ]:

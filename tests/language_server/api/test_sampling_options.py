@@ -1,4 +1,5 @@
-"""logprobs / top_logprobs, repetition / frequency / presence penalties, logit_bias and echo,
+"""logprobs / top_logprobs, repetition / frequency / presence penalties, logit_bias, echo and the
+echoed prompt's logprobs (what evaluation harnesses score with),
 through the real server and the real `openai` client, against transformers on the same checkpoint
 (its own repetition penalty, and its raw logits with OpenAI's penalty formula applied by hand)."""
 
@@ -159,3 +160,35 @@ def test_logit_bias_moves_and_forces_tokens(client, hf_oracle, pre, chat_ids):
         extra_body={"ignore_eos": True},
     )
     assert sampled.choices[0].message.content == pre.decode([forced] * 5)
+
+
+def test_echo_scores_the_prompt_like_transformers(client, hf_oracle, pre):
+    """max_tokens 0 + echo + logprobs: the prompt's own log-probabilities, each token given the ones
+    before it; the prompt is longer than the server's 256-token step, so it is scored in two chunks."""
+    prompt = "A river runs to the sea, and the sea is never full. " * 24
+    ids = pre.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert 256 < len(ids) < 500
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    with torch.no_grad():
+        ref = torch.log_softmax(hf_oracle(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == prompt and r.usage.completion_tokens == 0
+    assert lp.tokens == [pre.tokenizer.decode([t]) for t in ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = ref[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1).tolist()
+    assert lp.token_logprobs[1:] == pytest.approx(want, abs=1e-3)
+    for i in (1, 200, len(ids) - 1):  # the two best after tokens [0, i), and the token itself
+        best = {pre.tokenizer.decode([t]) for t in ref[i - 1].topk(2).indices.tolist()}
+        assert set(lp.top_logprobs[i]) == best | {lp.tokens[i]}
+
+    kw = dict(model="tiny", prompt=prompt, max_tokens=3, echo=True, logprobs=2, temperature=0)
+    full = client.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0]
+    assert full.logprobs.token_logprobs[: len(ids)] == lp.token_logprobs  # then the 3 generated ones
+    assert len(full.logprobs.tokens) == len(ids) + 3 and full.text.startswith(prompt)
+    chunks = [
+        c.choices[0] for c in client.completions.create(**kw, stream=True, extra_body={"ignore_eos": True})
+    ]
+    first = chunks[0].logprobs
+    assert chunks[0].text == prompt and first.token_logprobs == lp.token_logprobs
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert streamed == full.logprobs.tokens and "".join(c.text for c in chunks) == full.text

@@ -125,6 +125,36 @@ def test_preemption_under_a_small_kv_cache_keeps_outputs_exact(tiny_model_dir, e
         small.engine.stop()
 
 
+def logprob_lists(result) -> tuple[list, list]:
+    outs = result.outputs
+    plps = [x for o in outs if o.prompt_logprobs is not None for x in o.prompt_logprobs]
+    return [x.logprob for o in outs for x in o.logprobs], [(x.token, x.logprob) for x in plps]
+
+
+def test_logprobs_and_prompt_logprobs_survive_preemption(tiny_model_dir, engine):
+    """Each token's and each prompt token's log-probabilities come once, in order, and equal a solo
+    run's when the sequences are preempted and recomputed under a small KV cache."""
+    pre = engine.preprocessor
+    prompts = [text_ids(pre, f"Sequence number {i} says: " + "la " * (3 * i)) for i in range(6)]
+    params = greedy(20, logprobs=2, prompt_logprobs=1)
+    solo = [run(engine, [p], params)[0] for p in prompts]
+    for p, r in zip(prompts, solo, strict=True):
+        lps, plps = logprob_lists(r)
+        assert len(lps) == 20 and [t for t, _ in plps] == p[1:]
+    small = start_engine(tiny_model_dir, kv_cache_bytes=12 * 2 * 4 * 2 * 32 * 4 * 8, block_size=8)
+    try:
+        results = run(small, prompts, params)
+        assert small.engine.scheduler.num_preemptions > 0
+        for got, want in zip(results, solo, strict=True):
+            assert got.token_ids == want.token_ids
+            (a, pa), (b, pb) = logprob_lists(got), logprob_lists(want)
+            assert a == pytest.approx(b, abs=1e-4)
+            assert [t for t, _ in pa] == [t for t, _ in pb]
+            assert [v for _, v in pa] == pytest.approx([v for _, v in pb], abs=1e-4)
+    finally:
+        small.engine.stop()
+
+
 def test_stop_token_ids_stop_strings_and_max_tokens(engine):
     pre = engine.preprocessor
     ids = text_ids(pre, PROMPTS[0])
