@@ -90,6 +90,9 @@ class LanguageSettings(BaseModel):
     max_waiting_requests: int = Field(256, ge=1, description="queued requests beyond this get 429")
     # requests
     default_max_tokens: int = Field(256, ge=1)
+    max_choices_per_request: int = Field(
+        16, ge=1, description="most choices one request may ask (n, times the prompts of a completion)"
+    )
     max_logprobs: int = Field(
         20, ge=0, description="most alternatives a request may ask per token (top_logprobs, logprobs)"
     )

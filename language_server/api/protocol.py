@@ -64,7 +64,7 @@ class _Sampling(_Nullable):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="extension: 0 or -1 disables")
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=128)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -149,22 +149,31 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(min_length=1)  # several: a choice each
     max_tokens: int | None = Field(16, ge=0)  # 0: only with echo (score the prompt, generate nothing)
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=1)
+    best_of: int | None = None
     suffix: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.suffix:
             return "suffix", "suffix is not supported"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of other than n is not supported (it would rank unseen choices)"
         if self.max_tokens == 0 and not self.echo:
             return "max_tokens", "max_tokens must be at least 1 (0 only with echo)"
         return None
 
     def logprobs_k(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts: one (a string or token ids) or several."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
     def requested_max_tokens(self) -> int | None:
         # max_tokens 0 (echo: the prompt scored): the engine computes one token, the answer drops it
@@ -175,58 +184,39 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_chunk(
-    rid: str, model: str, created: int, delta: dict, finish: str | None, logprobs: dict | None = None
-) -> dict:
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
     return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish,
     }
 
 
-def completion_chunk(
-    rid: str, model: str, created: int, text: str, finish: str | None, logprobs: dict | None = None
-) -> dict:
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-    }
+def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def chat_response(
-    rid: str, model: str, text: str, finish: str, prompt: int, completion: int, logprobs: dict | None = None
-) -> dict:
+def chat_delta(index: int, delta: dict, finish: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+
+def response(chat: bool, rid: str, model: str, choices: list[dict], use: dict) -> dict:
     return {
         "id": rid,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": usage(prompt, completion),
+        "choices": choices,
+        "usage": use,
     }
 
 
-def completion_response(
-    rid: str, model: str, text: str, finish: str, prompt: int, completion: int, logprobs: dict | None = None
-) -> dict:
+def chunk(chat: bool, rid: str, model: str, created: int, choices: list[dict]) -> dict:
     return {
         "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-        "usage": usage(prompt, completion),
+        "choices": choices,
     }

@@ -1,14 +1,15 @@
-"""The OpenAI endpoints' logic: request -> prompt + sampling params -> engine -> JSON or SSE chunks.
+"""The OpenAI endpoints' logic: request -> prompts + sampling params -> engine sequences -> answer.
 
-Text prompts are tokenised here; image prompts are handed to the `MultimodalProvider` while the
-request already sits in the scheduler as waiting-for-embeddings. A client that goes away aborts
-its request (the engine frees its KV blocks and vision rows). HTTP plumbing lives in `app.py`.
+Each choice of a request (`n`, several completion prompts) is one engine sequence. Text prompts are
+tokenised here; image prompts are handed to the `MultimodalProvider` (once per request) while the
+sequences already sit in the scheduler as waiting-for-embeddings. A client that goes away aborts
+every choice (the engine frees their KV blocks and vision rows). The JSON body or SSE stream is
+assembled in `responses.py`; HTTP plumbing lives in `app.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,11 +20,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from language_server.api import protocol as P
 from language_server.api.errors import APIError, bad_request
-from language_server.api.logprobs import TokenText, joined
+from language_server.api.logprobs import TokenText
 from language_server.api.metrics import Metrics
+from language_server.api.responses import Answer, Choice
 from language_server.engine.engine import Engine, RequestOutput
 from language_server.engine.sequence import SamplingParams, Sequence, Status
-from language_server.mm.base import BadMultimodalInput, EncoderUnavailable, MultimodalProvider
+from language_server.mm.base import (
+    BadMultimodalInput,
+    EncoderUnavailable,
+    MultimodalInputs,
+    MultimodalProvider,
+)
 
 
 class Serving:
@@ -54,39 +61,64 @@ class Serving:
             )
         if images and self.provider is None:
             raise bad_request("this server does not accept images", "messages", "images_unsupported")
+        self._check_choices(body.n)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if images:
-            seq = Sequence(
-                rid, [], self._params(body, None), status=Status.WAITING_FOR_EMBEDDINGS, multimodal=True
-            )
+            params = self._params(body, None)
+            seqs = [
+                Sequence(
+                    self._seq_id(rid, j, body.n),
+                    [],
+                    self._seeded(params, j),
+                    multimodal=True,
+                    status=Status.WAITING_FOR_EMBEDDINGS,
+                )
+                for j in range(body.n)
+            ]
         else:
             try:
                 text = self.pre.render(messages)
             except Exception as e:  # noqa: BLE001 - template errors are the request's fault
                 raise bad_request(f"messages could not be rendered: {e}", "messages") from None
             ids = self.pre.tokenizer(text, add_special_tokens=False)["input_ids"]
-            seq = Sequence(rid, ids, self._params(body, len(ids)))
-        queue = await self._submit(seq, messages, images, body.requested_max_tokens(), request)
-        return await self._respond(request, "chat", body, seq, queue)
+            params = self._params(body, len(ids))
+            seqs = [
+                Sequence(self._seq_id(rid, j, body.n), ids, self._seeded(params, j)) for j in range(body.n)
+            ]
+        choices = [Choice(j, s.prompt_ids, counts_prompt=j == 0) for j, s in enumerate(seqs)]
+        queue = await self._submit(seqs, messages, images, body.requested_max_tokens(), request)
+        return await self._respond(request, "chat", body, rid, seqs, choices, queue)
 
     async def completion(self, request: Request, body: P.CompletionRequest) -> object:
         self._check_model(body)
-        if isinstance(body.prompt, str):
-            ids = self.pre.tokenizer(body.prompt, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise bad_request("prompt is empty", "prompt")
-        else:
-            ids = list(body.prompt)
-            if any(not 0 <= t < self.vocab_size for t in ids):
-                raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
-        params = self._params(body, len(ids))
-        echo = ""
-        if body.echo:
-            echo = body.prompt if isinstance(body.prompt, str) else self.pre.tokenizer.decode(ids)
-            params = replace(params, prompt_logprobs=params.logprobs)
-        seq = Sequence(f"cmpl-{uuid.uuid4().hex}", ids, params)
-        queue = await self._submit(seq, [], [], None)
-        return await self._respond(request, "completions", body, seq, queue, echo, body.max_tokens != 0)
+        prompts = body.prompts()
+        self._check_choices(len(prompts) * body.n)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        seqs, choices = [], []
+        for p in prompts:
+            if isinstance(p, str):
+                ids = self.pre.tokenizer(p, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    raise bad_request("prompt is empty", "prompt")
+            else:
+                ids = list(p)
+                if not ids:
+                    raise bad_request("prompt is empty", "prompt")
+                if any(not 0 <= t < self.vocab_size for t in ids):
+                    raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+            params = self._params(body, len(ids))
+            echo = ""
+            if body.echo:
+                echo = p if isinstance(p, str) else self.pre.tokenizer.decode(ids)
+                params = replace(params, prompt_logprobs=params.logprobs)
+            for j in range(body.n):
+                i = len(seqs)
+                seqs.append(
+                    Sequence(self._seq_id(rid, i, len(prompts) * body.n), ids, self._seeded(params, j))
+                )
+                choices.append(Choice(i, ids, echo, body.max_tokens != 0, counts_prompt=j == 0))
+        queue = await self._submit(seqs, [], [], None)
+        return await self._respond(request, "completions", body, rid, seqs, choices, queue)
 
     # -- validation ---------------------------------------------------------------------------
     def _check_model(self, body: P._Sampling) -> None:
@@ -101,6 +133,24 @@ class Serving:
         refused = body.unsupported()
         if refused is not None:
             raise bad_request(refused[1], refused[0], "unsupported")
+
+    def _check_choices(self, n: int) -> None:
+        if n > self.s.max_choices_per_request:
+            raise bad_request(
+                f"{n} choices (n x prompts) in one request; this server answers at most "
+                f"{self.s.max_choices_per_request}",
+                "n",
+            )
+
+    @staticmethod
+    def _seq_id(rid: str, i: int, n: int) -> str:
+        return rid if n == 1 else f"{rid}-{i}"
+
+    @staticmethod
+    def _seeded(params: SamplingParams, j: int) -> SamplingParams:
+        """Choice j of a seeded request draws from seed + j: the n choices differ, and each is
+        reproducible."""
+        return params if params.seed is None or j == 0 else replace(params, seed=params.seed + j)
 
     def _params(self, body: P._Sampling, prompt_len: int | None) -> SamplingParams:
         asked = body.requested_max_tokens()
@@ -158,56 +208,67 @@ class Serving:
 
     # -- engine ------------------------------------------------------------------------------
     async def _submit(
-        self, seq: Sequence, messages: list[dict], images: list[str], asked: int | None, request=None
+        self, seqs: list[Sequence], messages: list[dict], images: list[str], asked: int | None, request=None
     ) -> asyncio.Queue:
+        """Hand the request's sequences (one per choice) to the engine; with images, encode them once
+        and give every choice its rows (the first the received buffer, the others a copy). Returns
+        the queue their outputs arrive on, as (choice index, RequestOutput)."""
         st = self.engine.stats()
         if not self.engine.alive:
             raise APIError(503, "the engine is not running", code="engine_unavailable")
-        if st["waiting"] + st["waiting_for_embeddings"] >= self.s.max_waiting_requests:
+        if st["waiting"] + st["waiting_for_embeddings"] + len(seqs) > self.s.max_waiting_requests:
             raise APIError(429, "server overloaded: too many queued requests; retry later", code="overloaded")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        ended = asyncio.Event()  # the engine ended the request (a drain's end, an engine failure)
+        queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        ended = asyncio.Event()  # the engine ended a choice (a drain's end, an engine failure)
 
-        def deliver(out: RequestOutput) -> None:
-            queue.put_nowait(out)
+        def deliver(i: int, out: RequestOutput) -> None:
+            queue.put_nowait((i, out))
             if out.finished:
                 ended.set()
 
-        self.engine.add(seq, lambda out: loop.call_soon_threadsafe(deliver, out))
+        for i, seq in enumerate(seqs):
+            self.engine.add(seq, lambda out, i=i: loop.call_soon_threadsafe(deliver, i, out))
         if not images:
             return queue
         try:
-            inputs = await self._prepare(request, seq, messages, images, ended)
+            inputs = await self._prepare(request, seqs[0].id, messages, images, ended)
             if inputs is None:
-                return queue  # its last output says why
+                self._abort(seqs)  # the engine ended one: the others cannot go on alone
+                return queue  # the last outputs say why
         except BadMultimodalInput as e:
-            self.engine.abort(seq.id)
+            self._abort(seqs)
             raise bad_request(str(e), "messages", "invalid_image") from None
         except (EncoderUnavailable, TimeoutError) as e:
-            self.engine.abort(seq.id)
+            self._abort(seqs)
             raise APIError(503, f"image encoding unavailable: {e}", code="encoder_unavailable") from None
         except BaseException:
-            self.engine.abort(seq.id)
+            self._abort(seqs)
             raise
         try:
-            # safe: the engine reads params only after `inputs_ready` below
-            seq.params = replace(seq.params, max_tokens=self._fit(inputs.num_tokens, asked))
+            max_tokens = self._fit(inputs.num_tokens, asked)
         except APIError:
             inputs.release()
-            self.engine.abort(seq.id)
+            self._abort(seqs)
             raise
-        self.engine.inputs_ready(seq.id, inputs)
+        for j, seq in enumerate(seqs):
+            # safe: the engine reads params only after `inputs_ready` below
+            seq.params = replace(seq.params, max_tokens=max_tokens)
+            self.engine.inputs_ready(seq.id, inputs if j == 0 else _copy(inputs))
         return queue
 
+    def _abort(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.engine.abort(seq.id)
+
     async def _prepare(
-        self, request: Request, seq: Sequence, messages: list[dict], images: list[str], ended: asyncio.Event
+        self, request: Request, rid: str, messages: list[dict], images: list[str], ended: asyncio.Event
     ):
         """The provider's rows for `images`; None if the engine ended the request meanwhile. Given up
         (the provider's finally aborts the rooms, the encode call ends with the task) if that happens
         or the client goes away."""
         prep = asyncio.ensure_future(
-            asyncio.wait_for(self.provider.prepare(seq.id, messages, images), self.s.encode_timeout_s)
+            asyncio.wait_for(self.provider.prepare(rid, messages, images), self.s.encode_timeout_s)
         )
         gone = asyncio.ensure_future(self._disconnected(request))
         over = asyncio.ensure_future(ended.wait())
@@ -226,89 +287,65 @@ class Serving:
         )
 
     async def _events(
-        self, seq: Sequence, queue: asyncio.Queue, endpoint: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Engine outputs of one request, with timing metrics; aborts the request if abandoned."""
-        t0, first, last, done = seq.arrival, None, None, False
+        self, seqs: list[Sequence], queue: asyncio.Queue, endpoint: str
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, engine output) of one request until every choice finished, with timing
+        metrics per choice; aborts the unfinished ones if abandoned."""
+        t0 = seqs[0].arrival
+        first: dict[int, float] = {}
+        last: dict[int, float] = {}
+        done: set[int] = set()
         try:
-            while True:
-                out: RequestOutput = await queue.get()
+            while len(done) < len(seqs):
+                i, out = await queue.get()
                 now = time.monotonic()
                 if out.token_ids:
-                    if first is None:
-                        first = now
+                    if i not in first:
+                        first[i] = now
                         self.metrics.ttft.observe(now - t0)
-                    last = now
+                    last[i] = now
                 if out.finished:
-                    done = True
+                    done.add(i)
                     self.metrics.requests.labels(endpoint, out.finish_reason).inc()
                     self.metrics.prompt_tokens.inc(out.prompt_tokens)
                     self.metrics.generation_tokens.inc(out.completion_tokens)
                     self.metrics.e2e.observe(now - t0)
-                    if first is not None and out.completion_tokens > 1:
-                        self.metrics.tpot.observe((last - first) / (out.completion_tokens - 1))
-                yield out
-                if out.finished:
-                    return
+                    if i in first and out.completion_tokens > 1:
+                        self.metrics.tpot.observe((last[i] - first[i]) / (out.completion_tokens - 1))
+                yield i, out
         finally:
-            if not done:
-                self.engine.abort(seq.id)
-                self.metrics.aborted.inc()
+            left = [s for i, s in enumerate(seqs) if i not in done]
+            if left:
+                self._abort(left)
+                self.metrics.aborted.inc(len(left))
 
     async def _respond(
-        self, request: Request, endpoint: str, body, seq: Sequence, queue, echo: str = "", keep: bool = True
+        self, request: Request, endpoint: str, body, rid: str, seqs: list[Sequence], choices, queue
     ) -> object:
-        """The request's answer: JSON, or SSE chunks if it streams; `echo` (completions) is the
-        prompt text the answer starts with (with the prompt's logprobs if asked); without `keep` the
-        generated token is left out (completions' max_tokens 0 with echo)."""
-        events = self._events(seq, queue, endpoint)
-        want_logprobs = body.logprobs_k() is not None
+        """The request's answer: JSON, or SSE chunks if it streams."""
+        events = self._events(seqs, queue, endpoint)
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        answer = Answer(
+            endpoint == "chat",
+            rid,
+            self.s.model_name,
+            choices,
+            self.token_text,
+            body.logprobs_k() is not None,
+            include_usage,
+        )
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                self._sse(endpoint, seq.id, events, include_usage, want_logprobs, echo, seq.prompt_ids, keep),
-                media_type="text/event-stream",
-            )
-        watcher = asyncio.create_task(self._watch_disconnect(request, seq.id))
-        text, lps, plps, out = [], [], None, None
+            return StreamingResponse(answer.sse(events), media_type="text/event-stream")
+        watcher = asyncio.create_task(self._watch_disconnect(request, seqs))
         try:
-            async for out in events:
-                text.append(out.text)
-                lps.extend(out.logprobs)
-                plps = out.prompt_logprobs if plps is None else plps
+            return JSONResponse(await answer.json(events))
         finally:
             watcher.cancel()
             await events.aclose()
-        if out.finish_reason == "error":
-            raise APIError(out.error_status, out.error or "generation failed")
-        if out.finish_reason == "abort":
-            raise APIError(499, "request aborted", code="aborted", type_="aborted")
-        chat = endpoint == "chat"
-        if not keep:
-            text, lps = [], []
-        logprobs = None
-        if want_logprobs and chat:
-            logprobs = self.token_text.chat(lps)
-        elif want_logprobs:
-            logprobs = self.token_text.completion(lps, len(echo))
-            if echo:
-                logprobs = joined(self.token_text.prompt(seq.prompt_ids, plps or ()), logprobs)
-        make = P.chat_response if chat else P.completion_response
-        return JSONResponse(
-            make(
-                seq.id,
-                self.s.model_name,
-                echo + "".join(text),
-                out.finish_reason,
-                out.prompt_tokens,
-                out.completion_tokens if keep else 0,
-                logprobs,
-            )
-        )
 
-    async def _watch_disconnect(self, request: Request, seq_id: str) -> None:
+    async def _watch_disconnect(self, request: Request, seqs: list[Sequence]) -> None:
         await self._disconnected(request)
-        self.engine.abort(seq_id)
+        self._abort(seqs)
 
     @staticmethod
     async def _disconnected(request: Request | None) -> None:
@@ -318,65 +355,13 @@ class Serving:
             if request is not None and await request.is_disconnected():
                 return
 
-    async def _sse(
-        self,
-        endpoint: str,
-        rid: str,
-        events,
-        include_usage: bool,
-        want_logprobs: bool,
-        echo: str = "",
-        prompt_ids: list[int] | None = None,
-        keep: bool = True,
-    ) -> AsyncIterator[str]:
-        model, created = self.s.model_name, int(time.time())
-        chat = endpoint == "chat"
-        offset = len(echo)  # where the next tokens' text starts (completions' text_offset)
 
-        def chunk(text: str, finish: str | None, delta: dict | None = None, lps=(), prompt=None) -> str:
-            nonlocal offset
-            logprobs = None
-            if prompt is not None:  # the echoed prompt's own logprobs
-                logprobs = self.token_text.prompt(prompt_ids, prompt)
-            elif lps and chat:
-                logprobs = self.token_text.chat(list(lps))
-            elif lps:
-                logprobs = self.token_text.completion(list(lps), offset)
-                offset += sum(len(t) for t in logprobs["tokens"])
-            c = (
-                P.chat_chunk(
-                    rid, model, created, delta if delta is not None else {"content": text}, finish, logprobs
-                )
-                if chat
-                else P.completion_chunk(rid, model, created, text, finish, logprobs)
-            )
-            if include_usage:
-                c["usage"] = None
-            return f"data: {json.dumps(c)}\n\n"
-
-        try:
-            if chat:
-                yield chunk("", None, {"role": "assistant", "content": ""})
-            async for out in events:
-                if out.finish_reason == "error":
-                    err = APIError(out.error_status, out.error or "generation failed").body()
-                    yield f"data: {json.dumps(err)}\n\n"
-                    break
-                if echo:  # first, with the prompt's logprobs, which come with the first token
-                    yield chunk(echo, None, prompt=(out.prompt_logprobs or ()) if want_logprobs else None)
-                    echo = ""
-                lps = out.logprobs if want_logprobs and keep else ()
-                if keep and (out.text or lps):
-                    yield chunk(out.text, None, lps=lps)
-                if out.finished:
-                    yield chunk("", out.finish_reason, {} if chat else None)
-                    if include_usage:
-                        c = (P.chat_chunk if chat else P.completion_chunk)(
-                            rid, model, created, {} if chat else "", None
-                        )
-                        done = out.completion_tokens if keep else 0
-                        c["choices"], c["usage"] = [], P.usage(out.prompt_tokens, done)
-                        yield f"data: {json.dumps(c)}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            await events.aclose()
+def _copy(inputs: MultimodalInputs) -> MultimodalInputs:
+    """Another choice's own rows (the received buffer goes with the first choice only)."""
+    return MultimodalInputs(
+        inputs.fill_ids,
+        inputs.positions,
+        inputs.mrope_delta,
+        inputs.embeddings.clone(),
+        inputs.deepstack.clone(),
+    )

@@ -110,6 +110,22 @@ def test_image_logprobs_equal_across_modes_and_transformers(cluster, hf_oracle, 
             ]
 
 
+def test_an_image_request_with_several_choices_encodes_once(cluster, hf_oracle, pre):
+    """n = 3: the images are encoded once; the first choice reads the received rows, the others a
+    copy; all three equal transformers, and the receive pool drains."""
+    messages = case_messages("one_png")
+    want = oracle(hf_oracle, pre, messages, 6)
+    encs = [cluster["enc0"], cluster["enc1"]]
+    for mode in ("zmq", "mooncake"):
+        before = sum(e.metric('deepsplit_encode_requests_total{status="ok"}') for e in encs)
+        r = openai_client(cluster[mode].url).chat.completions.create(
+            model="tiny", messages=messages, max_tokens=6, n=3, **GREEDY
+        )
+        assert [c.message.content for c in r.choices] == [want] * 3, mode
+        assert sum(e.metric('deepsplit_encode_requests_total{status="ok"}') for e in encs) == before + 1
+        assert pool_used(cluster[mode]) == 0
+
+
 def test_both_encoders_take_load_and_text_needs_none(cluster):
     encs = [cluster["enc0"], cluster["enc1"]]
     before = [e.metric('deepsplit_encode_requests_total{status="ok"}') for e in encs]

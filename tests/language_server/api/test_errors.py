@@ -75,7 +75,8 @@ def b64url(data: bytes) -> str:
         (chat("hi", max_tokens=0), 400, ["max_tokens"], "max_tokens"),
         (chat("hi", max_tokens=100000), 400, ["max_tokens", "context"], "max_tokens"),
         (chat("hi", temperature=7), 400, ["temperature"], "temperature"),
-        (chat("hi", n=3), 400, ["n"], "n"),
+        (chat("hi", n=0), 400, ["n"], "n"),
+        (chat("hi", n=17), 400, ["17 choices", "at most 16"], "n"),
         (chat("word " * 700), 400, ["context"], "messages"),
         (
             chat([{"type": "image_url", "image_url": {"url": b64url(b"hello, not an image")}}]),
@@ -151,7 +152,8 @@ def b64url(data: bytes) -> str:
         "max-tokens-0",
         "max-tokens-too-big",
         "temperature",
-        "n",
+        "n-0",
+        "n-too-many",
         "prompt-too-long",
         "not-an-image",
         "truncated-image",
@@ -198,7 +200,10 @@ def test_completions_errors(server):
         ({"logprobs": 21}, ["max_logprobs"], "logprobs"),
         ({"max_tokens": 0}, ["0 only with echo"], "max_tokens"),
         ({"suffix": "end"}, ["suffix"], "suffix"),
-        ({"best_of": 2}, ["best_of"], "best_of"),
+        ({"best_of": 2}, ["best_of other than n"], "best_of"),
+        ({"prompt": ["a", "b"], "n": 9}, ["18 choices"], "n"),
+        ({"prompt": ["a", ""]}, ["prompt is empty"], "prompt"),
+        ({"prompt": [[1, 2], []]}, ["prompt is empty"], "prompt"),
     ]:
         body = {"model": "tiny", "prompt": "hi", **extra}
         assert_error(post(server, body, "/v1/completions"), 400, *words, param=param)
