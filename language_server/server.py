@@ -90,7 +90,7 @@ def build_engine(settings: LanguageSettings) -> BuiltEngine:
         capacity,
         max_len,
     )
-    runner = ModelRunner(lm, cfg, num_blocks, settings.block_size)
+    runner = ModelRunner(lm, cfg, num_blocks, settings.block_size, tuple(cfg.eos_token_ids))
     scheduler = Scheduler(
         BlockManager(num_blocks, settings.block_size), settings.max_num_seqs, settings.max_num_batched_tokens
     )

@@ -162,6 +162,8 @@ class Serving:
         stop = body.stop_list()
         if len(stop) > 16 or any(len(x) > 256 for x in stop):
             raise bad_request("at most 16 stop strings of at most 256 characters", "stop")
+        if body.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens={body.min_tokens} exceeds max_tokens={max_tokens}", "min_tokens")
         k = body.logprobs_k()
         if k is not None and k > self.s.max_logprobs:
             param = "top_logprobs" if isinstance(body, P.ChatCompletionRequest) else "logprobs"
@@ -182,6 +184,7 @@ class Serving:
             stop=stop,
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
             logprobs=k,
             repetition_penalty=body.repetition_penalty,
             frequency_penalty=body.frequency_penalty,

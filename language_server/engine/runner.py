@@ -31,9 +31,10 @@ class _Vision:
 
 
 class ModelRunner:
-    def __init__(self, lm, cfg, num_blocks: int, block_size: int) -> None:
+    def __init__(self, lm, cfg, num_blocks: int, block_size: int, eos_ids: tuple[int, ...] = ()) -> None:
         t = cfg.text
         self.lm, self.cfg, self.block_size = lm.pack_weights(), cfg, block_size
+        self.eos_ids = tuple(eos_ids)  # what min_tokens keeps from ending an output early
         native.load()  # build the native kernels now (once per machine), not in the first decode step
         self.dtype = lm.lm_head.weight.dtype
         self.hidden = t.hidden_size
@@ -193,6 +194,9 @@ class ModelRunner:
 
     def _row_params(self, seq) -> RowParams:
         p = seq.params
+        banned: tuple[int, ...] = ()
+        if len(seq.output_ids) < p.min_tokens:
+            banned = tuple(set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_ids)))
         gen = None
         if p.seed is not None and not p.greedy:
             gen = self._generators.get(seq.id)
@@ -208,6 +212,7 @@ class ModelRunner:
             p.frequency_penalty,
             p.presence_penalty,
             p.logit_bias,
+            banned,
             seq.prompt_ids,
             seq.output_ids,
         )

@@ -1,7 +1,7 @@
 """Turns a batch of logits into next tokens, each row with its own sampling parameters.
 
 A row's logits are first adjusted if it asks for it (repetition, frequency and presence penalties,
-logit bias), then greedy rows take the argmax and sampled rows are scaled by temperature, cut by
+logit bias, tokens banned for now), then greedy rows take the argmax and sampled rows are scaled by temperature, cut by
 top-k and top-p (one sort for the whole batch, only when some row asks for it), then drawn with the
 exponential-race trick (`argmax(p / q)`, q ~ Exp(1)) so that one call samples the batch while a
 seeded request still draws its noise from its own `torch.Generator`. `token_logprobs` reads the
@@ -28,6 +28,7 @@ class RowParams:
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the output
     presence_penalty: float = 0.0  # subtracted once if the token occurs in the output
     logit_bias: tuple[tuple[int, float], ...] = ()
+    banned: tuple[int, ...] = ()  # never drawn now (e.g. EOS before min_tokens)
     prompt_ids: Sequence[int] = ()  # what the penalties look at
     output_ids: Sequence[int] = ()
 
@@ -38,6 +39,7 @@ class RowParams:
             or self.frequency_penalty
             or self.presence_penalty
             or self.logit_bias
+            or self.banned
         )
 
     @property
@@ -142,6 +144,8 @@ def _adjust(x: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
         if r.logit_bias:
             ids = torch.tensor([t for t, _ in r.logit_bias])
             x[j, ids] += torch.tensor([b for _, b in r.logit_bias], dtype=x.dtype)
+        if r.banned:
+            x[j, torch.tensor(r.banned)] = float("-inf")
     return x
 
 

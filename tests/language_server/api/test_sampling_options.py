@@ -192,3 +192,16 @@ def test_echo_scores_the_prompt_like_transformers(client, hf_oracle, pre):
     assert chunks[0].text == prompt and first.token_logprobs == lp.token_logprobs
     streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
     assert streamed == full.logprobs.tokens and "".join(c.text for c in chunks) == full.text
+
+
+def test_min_tokens_keeps_eos_away_until_reached(client, pre):
+    """EOS made certain by logit_bias: without min_tokens the answer ends at once, with it the first
+    4 tokens are something else and the fifth is EOS again."""
+    eos = pre.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    kw = dict(model="tiny", messages=MESSAGES, max_tokens=20, temperature=0, logit_bias={str(eos): 100})
+    r = client.chat.completions.create(**kw, logprobs=True)
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 1
+    r = client.chat.completions.create(**kw, logprobs=True, extra_body={"min_tokens": 4})
+    toks = [e.token for e in r.choices[0].logprobs.content]
+    assert r.choices[0].finish_reason == "stop" and len(toks) == 5 and "<|im_end|>" not in toks[:4]
+    assert toks[4] == "<|im_end|>"
