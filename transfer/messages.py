@@ -105,13 +105,25 @@ class Ack(_Msg, tag="ack"):
     reason: str = ""
 
 
+class Status(_Msg, tag="status"):
+    """Sender -> receiver: "I sent all I had for this step and wait for `waiting` (ready | resume |
+    ack), but my link dropped and came back since" (libzmq loses the message it was writing then,
+    and a ROUTER drops what it queued for a peer that was away). The receiver sends that answer
+    again, or fails the room if what it answers never arrived — instead of both sides waiting for
+    the room's deadline. A receiver without it logs the message as undecodable and the room waits
+    for its deadline, as before."""
+
+    waiting: str
+
+
 class Abort(_Msg, tag="abort"):
     """Either side: give up the room (sender failed, or receiver no longer wants it)."""
 
     reason: str
 
 
-Message = Begin | Ready | Data | Partial | Resume | Done | Ack | Abort
+Message = Begin | Ready | Data | Partial | Resume | Done | Ack | Status | Abort
+WAITS = ("ready", "resume", "ack")  # what a Status may say the sender waits for
 _decoder = msgspec.msgpack.Decoder(Message)
 _desc_decoder = msgspec.msgpack.Decoder(RoomDescriptor)
 encode = msgspec.msgpack.encode
@@ -124,6 +136,8 @@ def decode(data: bytes) -> Message:
         raise BadMessage(f"undecodable control message ({len(data)} bytes): {e}") from None
     if msg.v != VERSION:
         raise BadMessage(f"protocol version {msg.v} != {VERSION} (room {msg.room!r})")
+    if isinstance(msg, Status) and msg.waiting not in WAITS:
+        raise BadMessage(f"status of room {msg.room!r} waits for {msg.waiting!r}, not one of {WAITS}")
     return msg
 
 

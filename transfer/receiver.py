@@ -259,12 +259,20 @@ class TransferReceiver:
         if isinstance(msg, m.Data):
             return self._on_data(peer, msg)
         self._skip_rest()
+        if isinstance(msg, m.Status):
+            self.rooms.counters["status_queries"] += 1
         room = self.rooms.get(msg.room)
         if room is None:
             if self.rooms.writer_done(msg.room, peer):
                 log.info(
                     "transfer: the sender of failed room %s is done writing; its blocks are free", msg.room
                 )
+            if (
+                isinstance(msg, m.Status)
+                and msg.waiting == "ack"
+                and self.rooms.outcome(msg.room) == "released"
+            ):
+                return self._send(peer, m.Ack(room=msg.room, ok=True))  # its Ack was lost; the rows were used
             if not isinstance(msg, m.Abort | m.Ack):
                 self._refuse_unknown(peer, msg)
             return
@@ -308,9 +316,32 @@ class TransferReceiver:
             got = self.allocator.try_alloc(more, after=room.blocks[-1])
             if got:
                 room.blocks.extend(got)
-        self._send(peer, m.Ready(room=room.id, block_ids=room.blocks))
+        self._answer(room, peer, m.Ready(room=room.id, block_ids=room.blocks))
+
+    def _answer(self, room: Room, peer: bytes, msg) -> None:
+        """Send a step's answer and remember it: a sender whose link dropped asks for it again."""
+        room.answer = msg
+        self._send(peer, msg)
+
+    def _on_status(self, peer: bytes, room: Room, msg: m.Status) -> None:
+        """The sender's link dropped and came back while it waited for `msg.waiting`: the answer
+        again if it was sent (and lost), else what it answers never arrived: the room fails now."""
+        if room.answer is not None and type(room.answer).__name__.lower() == msg.waiting:
+            return self._send(peer, room.answer)
+        if room.want is not None and msg.waiting == "resume":
+            return  # its Partial came: the Resume follows once blocks are free
+        reason = (
+            f"the sender's last message before it waited for {msg.waiting} never arrived "
+            "(lost with a dropped connection)"
+        )
+        if room.peer is None:  # not even its claim came
+            self.rooms.fail(room.id, reason)
+            log.warning("transfer: room %s failed: %s", room.id, reason)
+            return self._send(peer, m.Ack(room=room.id, ok=False, reason=reason))
+        self._fail(room, reason)
 
     def _on_partial(self, peer: bytes, room: Room, msg: m.Partial) -> None:
+        room.answer = None  # a new step: the previous answer is no longer what the sender waits for
         cap = len(room.blocks) * self.spec.block_size
         if room.state is not State.RECEIVING or msg.sent_rows != cap or msg.total_rows <= cap:
             return self._fail(
@@ -331,7 +362,7 @@ class TransferReceiver:
         room.blocks.extend(got)
         room.want = None
         self.rooms.counters["resumes"] += 1
-        self._send(room.peer, m.Resume(room=room.id, block_ids=room.blocks, sent_rows=sent))
+        self._answer(room, room.peer, m.Resume(room=room.id, block_ids=room.blocks, sent_rows=sent))
 
     def _on_data(self, peer: bytes, msg: m.Data) -> None:
         # a Data message never ends a quarantine: a Mooncake sender sends its ids, positions and seal
@@ -396,7 +427,7 @@ class TransferReceiver:
         reason = self._verify(room, msg)
         if reason is not None:
             return self._fail(room, reason)
-        self._send(peer, m.Ack(room=room.id, ok=True))  # verified: the sender need not wait for the rest
+        self._answer(room, peer, m.Ack(room=room.id, ok=True))  # verified: the sender need not wait more
         rows = self.buffers.read(room.blocks, msg.total_rows, msg.vision_rows)
         result = ReceivedRoom(
             room.id,
@@ -450,7 +481,13 @@ class TransferReceiver:
     def _on_abort(self, peer: bytes, room: Room, msg: m.Abort) -> None:
         self.rooms.fail(room.id, f"sender aborted: {msg.reason}", out_of_band_writer=False)
 
-    _HANDLERS = {m.Begin: _on_begin, m.Partial: _on_partial, m.Done: _on_done, m.Abort: _on_abort}
+    _HANDLERS = {
+        m.Begin: _on_begin,
+        m.Partial: _on_partial,
+        m.Done: _on_done,
+        m.Abort: _on_abort,
+        m.Status: _on_status,
+    }
 
     def _fail(self, room: Room, reason: str) -> None:
         log.warning("transfer: room %s failed: %s", room.id, reason)

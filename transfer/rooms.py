@@ -40,6 +40,7 @@ class Room:
     state: State = State.OPEN
     peer: bytes | None = None  # ZMQ identity of the sender connection that claimed it
     want: tuple[int, int] | None = None  # (blocks still needed, rows sent) while waiting to resume
+    answer: object = None  # the last Ready / Resume / Ack(ok) sent to its sender (a Status repeats it)
     future: Future = field(default_factory=Future)
     # per buffer, the request row whose bytes are due next on the control link: rows come in request
     # order, so a gap (a message lost when a connection dropped and came back, a sender's bug) is

@@ -94,6 +94,7 @@ class _Conn:
         self._monitor = self.sock.get_monitor_socket(_LINK_EVENTS)
         self._down: str | None = None  # why the link is down now (None: up, or still connecting)
         self._down_since = 0.0
+        self.reconnects = 0  # times the link came back after being down
         self.sock.connect(endpoint)
         self._stash: list = []  # answers of the current room read early by `aborted`
 
@@ -110,6 +111,7 @@ class _Conn:
                 return msg
 
     def _recv(self, room: str, deadline: float, kind: type):
+        seen = self.reconnects
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -120,6 +122,11 @@ class _Conn:
                 down = self.link_down(LOSS_GRACE_S)
                 if down is not None:
                     raise TransferFailed(f"room {room}: {down} while waiting for {kind.__name__}")
+                if self.reconnects != seen and self._down is None:
+                    # the link dropped and came back: what libzmq was writing then is lost, and so
+                    # is what the receiver queued for us meanwhile; ask for the answer again
+                    seen = self.reconnects
+                    self.send(m.Status(room=room, waiting=kind.__name__.lower()))
                 continue
             try:
                 msg = m.decode(self.sock.recv())
@@ -138,6 +145,7 @@ class _Conn:
         while self._monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             event = recv_monitor_message(self._monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
+                self.reconnects += self._down is not None
                 self._down = None
             elif self._down is None and event in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CONNECT_RETRIED):
                 self._down_since = time.monotonic()

@@ -105,6 +105,10 @@ def test_messages_roundtrip_and_validation():
         m.decode(b"\x93\x01\x02")
     with pytest.raises(m.BadMessage, match="descriptor"):
         m.descriptor_from_builtins({"room": "r"})
+    status = m.Status(room="r", waiting="ack")
+    assert m.decode(m.encode(status)) == status
+    with pytest.raises(m.BadMessage, match="waits for 'done'"):
+        m.decode(m.encode(m.Status(room="r", waiting="done")))
 
 
 def test_aux_record_pack_unpack():
