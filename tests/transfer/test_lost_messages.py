@@ -120,27 +120,28 @@ def warm(sender, rx, relay) -> None:
     rx.wait_room(d["room"], 10).release()
 
 
-def lose_then_cut(relay, direction: str, sent: callable) -> None:
+def send_losing(sender, rx, relay, direction: str, seed: int, lost, meanwhile=None):
+    """A room through the relay while it swallows `direction` until `lost()`, then resets the flow
+    (after `meanwhile(room)`, if given) -> (room, status, info, seconds until the sender answered)."""
+    warm(sender, rx, relay)
+    d = room_via(rx, relay)
     relay.swallow[direction] = True
-    wait_until(sent, timeout=10, what=f"the {direction} bytes to go into the void")
+    t = time.monotonic()
+    tag = sender.submit(d, seed, SHAPE, deadline_s=DEADLINE_S)
+    if meanwhile is not None:
+        meanwhile(d)
+    wait_until(lost, what=f"what goes {direction} to be lost")
     relay.swallow[direction] = False
     relay.cut()
+    status, info = sender.result(tag, timeout=DEADLINE_S + 10)
+    return d, status, info, time.monotonic() - t
 
 
 def test_a_room_lost_with_its_connection_fails_at_once(relayed, sender):
     """ZMQ: the room's one message (claim, rows, seal) is lost: the receiver never heard of it and
     would hold its blocks, the sender its payload, until the deadline."""
     rx, relay = relayed("zmq")
-    warm(sender, rx, relay)
-    d = room_via(rx, relay)
-    relay.swallow["up"] = True
-    tag = sender.submit(d, 1, SHAPE, deadline_s=DEADLINE_S)
-    t = time.monotonic()
-    wait_until(lambda: relay.swallowed["up"] > 15_000, what="the room's message to be lost")
-    relay.swallow["up"] = False
-    relay.cut()
-    status, info = sender.result(tag, timeout=DEADLINE_S + 10)
-    took = time.monotonic() - t
+    _, status, info, took = send_losing(sender, rx, relay, "up", 1, lambda: relay.swallowed["up"] > 15_000)
     assert status == "failed" and "never arrived" in info, info
     assert took < DEADLINE_S / 4, f"{took:.1f}s: the room waited for its deadline"
     wait_until(lambda: rx.allocator.num_used == 0, timeout=5, what="the room's blocks to come back")
@@ -157,40 +158,30 @@ def test_a_lost_ack_is_sent_again(relayed, sender, consumed):
     """ZMQ: the rows arrived and were sealed, the Ack was lost: the sender asks again and gets it,
     whether the room's rows are still held or were consumed meanwhile."""
     rx, relay = relayed("zmq")
-    warm(sender, rx, relay)
-    d = room_via(rx, relay)
-    relay.swallow["down"] = True
-    tag = sender.submit(d, 3, SHAPE, deadline_s=DEADLINE_S)
-    t = time.monotonic()
-    got = rx.wait_room(d["room"], 10)  # sealed and verified; its Ack goes into the void
-    assert_rows(got, 3)
-    if consumed:
-        got.release()
-    wait_until(lambda: relay.swallowed["down"] > 0, what="the Ack to be lost")
-    relay.swallow["down"] = False
-    relay.cut()
-    status, info = sender.result(tag, timeout=DEADLINE_S + 10)
+    got = []
+
+    def sealed(d):  # verified; its Ack goes into the void
+        got.append(rx.wait_room(d["room"], 10))
+        assert_rows(got[0], 3)
+        if consumed:
+            got[0].release()
+
+    _, status, info, took = send_losing(
+        sender, rx, relay, "down", 3, lambda: relay.swallowed["down"] > 0, sealed
+    )
     assert status == "ok", info
-    assert time.monotonic() - t < DEADLINE_S / 4
+    assert took < DEADLINE_S / 4
     assert rx.stats()["status_queries"] == 1
-    got.release()
+    got[0].release()
     assert rx.allocator.num_used == 0
 
 
 def test_a_lost_ready_is_sent_again(relayed, sender):
     """Mooncake: the handshake's Ready was lost; the sender asks again, then writes: bit-exact."""
     rx, relay = relayed("mooncake")
-    warm(sender, rx, relay)
-    d = room_via(rx, relay)
-    relay.swallow["down"] = True
-    tag = sender.submit(d, 4, SHAPE, deadline_s=DEADLINE_S)
-    t = time.monotonic()
-    wait_until(lambda: relay.swallowed["down"] > 0, what="the Ready to be lost")
-    relay.swallow["down"] = False
-    relay.cut()
-    status, info = sender.result(tag, timeout=DEADLINE_S + 10)
+    d, status, info, took = send_losing(sender, rx, relay, "down", 4, lambda: relay.swallowed["down"] > 0)
     assert status == "ok", info
-    assert time.monotonic() - t < DEADLINE_S / 4
+    assert took < DEADLINE_S / 4
     got = rx.wait_room(d["room"], 10)
     assert_rows(got, 4)
     got.release()
