@@ -156,7 +156,9 @@ class Serving:
         asked = body.requested_max_tokens()
         max_tokens = asked or self.s.default_max_tokens
         if prompt_len is not None:
-            max_tokens = self._fit(prompt_len, asked)
+            max_tokens = self._fit(
+                prompt_len, asked, "prompt" if isinstance(body, P.CompletionRequest) else "messages"
+            )
         if body.stop_token_ids and any(not 0 <= t < self.vocab_size for t in body.stop_token_ids):
             raise bad_request(f"stop_token_ids must be in [0, {self.vocab_size})", "stop_token_ids")
         stop = body.stop_list()
@@ -192,12 +194,12 @@ class Serving:
             logit_bias=bias,
         )
 
-    def _fit(self, prompt_len: int, asked: int | None) -> int:
+    def _fit(self, prompt_len: int, asked: int | None, param: str = "messages") -> int:
         room = self.max_model_len - prompt_len
         if room <= 0:
             raise bad_request(
                 f"the prompt has {prompt_len} tokens; this model's context is {self.max_model_len} tokens",
-                "messages",
+                param,
                 "context_length_exceeded",
             )
         if asked is not None and asked > room:

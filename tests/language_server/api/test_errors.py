@@ -201,6 +201,7 @@ def test_completions_errors(server):
     for extra, words, param in [
         ({"logprobs": 21}, ["max_logprobs"], "logprobs"),
         ({"max_tokens": 0}, ["0 only with echo"], "max_tokens"),
+        ({"prompt": [[1] * 600]}, ["600 tokens", "context"], "prompt"),
         ({"suffix": "end"}, ["suffix"], "suffix"),
         ({"best_of": 2}, ["best_of other than n"], "best_of"),
         ({"prompt": ["a", "b"], "n": 9}, ["18 choices"], "n"),
