@@ -70,20 +70,33 @@ def build_app(serving: Serving, settings, debug_info=None) -> FastAPI:
     async def completions(request: Request):
         return await serving.completion(request, await read_json(request, P.CompletionRequest))
 
+    def model_card() -> dict:
+        return {
+            "id": settings.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "deepsplit",
+            "max_model_len": serving.max_model_len,
+        }
+
     @app.get("/v1/models", dependencies=v1)
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": settings.model_name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "deepsplit",
-                    "max_model_len": serving.max_model_len,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}", dependencies=v1)
+    async def model(model: str) -> dict:
+        serving.check_name(model)
+        return model_card()
+
+    @app.post("/tokenize", dependencies=v1)
+    async def tokenize(request: Request) -> dict:
+        """vLLM's: the token ids of a prompt, or of a chat rendered with the chat template (an image
+        part counts as its one pad token there; the real prompt expands it to the image's rows)."""
+        return serving.tokenize(await read_json(request, P.TokenizeRequest))
+
+    @app.post("/detokenize", dependencies=v1)
+    async def detokenize(request: Request) -> dict:
+        return serving.detokenize(await read_json(request, P.DetokenizeRequest))
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -181,6 +181,23 @@ class CompletionRequest(_Sampling):
         return 1 if self.max_tokens == 0 else self.max_tokens
 
 
+class TokenizeRequest(_Nullable):
+    """vLLM's /tokenize: `prompt` (text) or `messages` (a chat, rendered with the chat template)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+    def to_dicts(self) -> list[dict]:
+        return ChatCompletionRequest(model=self.model, messages=self.messages).to_dicts()
+
+
+class DetokenizeRequest(_Nullable):
+    model: str
+    tokens: list[int]
+
+
 def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -120,16 +120,41 @@ class Serving:
         queue = await self._submit(seqs, [], [], None)
         return await self._respond(request, "completions", body, rid, seqs, choices, queue)
 
+    def tokenize(self, body: P.TokenizeRequest) -> dict:
+        self.check_name(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise bad_request("give either prompt or messages", "prompt")
+        if body.messages is not None:
+            if not body.messages:
+                raise bad_request("messages is empty", "messages")
+            try:
+                text = self.pre.render(body.to_dicts(), add_generation_prompt=body.add_generation_prompt)
+            except Exception as e:  # noqa: BLE001 - template errors are the request's fault
+                raise bad_request(f"messages could not be rendered: {e}", "messages") from None
+        else:
+            text = body.prompt
+        ids = self.pre.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def detokenize(self, body: P.DetokenizeRequest) -> dict:
+        self.check_name(body.model)
+        if any(not 0 <= t < self.vocab_size for t in body.tokens):
+            raise bad_request(f"token ids must be in [0, {self.vocab_size})", "tokens")
+        return {"prompt": self.pre.tokenizer.decode(body.tokens)}
+
     # -- validation ---------------------------------------------------------------------------
-    def _check_model(self, body: P._Sampling) -> None:
-        """The request names this server's model and asks for nothing it does not do."""
-        if body.model != self.s.model_name:
+    def check_name(self, model: str) -> None:
+        if model != self.s.model_name:
             raise APIError(
                 404,
-                f"model {body.model!r} does not exist; this server serves {self.s.model_name!r}",
+                f"model {model!r} does not exist; this server serves {self.s.model_name!r}",
                 "model",
                 "model_not_found",
             )
+
+    def _check_model(self, body: P._Sampling) -> None:
+        """The request names this server's model and asks for nothing it does not do."""
+        self.check_name(body.model)
         refused = body.unsupported()
         if refused is not None:
             raise bad_request(refused[1], refused[0], "unsupported")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -36,6 +37,28 @@ def test_models_health_ready(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     r = httpx.get(server.url + "/ready")
     assert r.status_code == 200 and r.json()["ready"] is True
+
+
+def test_model_retrieve_tokenize_detokenize(server, client, pre):
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny", "messages": messages}, headers=auth)
+    ids = pre.tokenizer(pre.render(messages), add_special_tokens=False)["input_ids"]
+    assert r.json() == {"tokens": ids, "count": len(ids), "max_model_len": 512}
+    used = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1).usage.prompt_tokens
+    assert used == len(ids)  # what a request of those messages counts
+    r = httpx.post(server.url + "/tokenize", json={"model": "tiny", "prompt": "a b c"}, headers=auth)
+    back = httpx.post(
+        server.url + "/detokenize", json={"model": "tiny", "tokens": r.json()["tokens"]}, headers=auth
+    )
+    assert back.json() == {"prompt": "a b c"}
+    for body in ({"model": "tiny"}, {"model": "tiny", "prompt": "x", "messages": messages}):
+        assert httpx.post(server.url + "/tokenize", json=body, headers=auth).status_code == 400
+    bad = httpx.post(server.url + "/detokenize", json={"model": "tiny", "tokens": [-1]}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
 def test_chat_greedy_equals_transformers_and_reports_usage(client, hf_oracle, pre):
