@@ -2,13 +2,14 @@
 
 Unknown fields are ignored (OpenAI clients send many); fields we do read are validated strictly,
 and `null` means the field's default, as in OpenAI's API. Options that would change the answer and
-that deepsplit does not implement (several choices, tool calls, JSON mode, suffix) are refused
+that deepsplit does not implement (forced tool calls, JSON mode, suffix, best_of) are refused
 rather than ignored. The HTTP layer turns a `ValidationError` into a 400 naming the field. No
 engine logic here.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Literal
 
@@ -49,9 +50,33 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(_Lenient):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDef
 
 
 class StreamOptions(_Nullable):
@@ -102,8 +127,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0)
     response_format: dict | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(param, why) if the request asks for something this server does not do."""
@@ -112,9 +137,18 @@ class ChatCompletionRequest(_Sampling):
         fmt = (self.response_format or {}).get("type", "text")
         if fmt != "text":
             return "response_format", f"response_format {fmt!r} is not supported (only 'text')"
-        if self.tools and self.tool_choice != "none":
-            return "tools", "tool calls are not supported (send no tools, or tool_choice 'none')"
+        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
+            return "tool_choice", (
+                "tool_choice 'required' or a named function needs constrained decoding, which this "
+                "server does not do; use 'auto' (the model decides) or 'none'"
+            )
         return None
+
+    def tool_dicts(self) -> list[dict] | None:
+        """The tools the model is told about (none with tool_choice 'none')."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     def logprobs_k(self) -> int | None:
         """None: no logprobs; k: each token's log-probability and its k most likely alternatives."""
@@ -137,6 +171,11 @@ class ChatCompletionRequest(_Sampling):
                 out.append({"role": m.role, "content": parts})
             else:
                 out.append({"role": m.role, "content": m.content or ""})
+            if m.tool_calls:
+                out[-1]["tool_calls"] = [
+                    {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}
+                    for c in m.tool_calls
+                ]
         return out
 
     def image_urls(self) -> list[str]:
@@ -181,6 +220,13 @@ class CompletionRequest(_Sampling):
         return 1 if self.max_tokens == 0 else self.max_tokens
 
 
+def _json_or_text(s: str):
+    try:
+        return json.loads(s)
+    except ValueError:
+        return s
+
+
 class TokenizeRequest(_Nullable):
     """vLLM's /tokenize: `prompt` (text) or `messages` (a chat, rendered with the chat template)."""
 
@@ -202,13 +248,13 @@ def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": finish,
-    }
+def chat_choice(
+    index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None
+) -> dict:
+    message = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def completion_choice(index: int, text: str, finish: str | None, logprobs: dict | None = None) -> dict:

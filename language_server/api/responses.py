@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from language_server.api import protocol as P
 from language_server.api.errors import APIError
 from language_server.api.logprobs import TokenText, joined
+from language_server.api.tools import StreamParser, parse
 from language_server.engine.engine import RequestOutput
 from language_server.engine.sampler import TokenLogprobs
 
@@ -28,6 +29,7 @@ class Choice:
     echo: str = ""  # completions' echo: the prompt text the choice's text starts with
     keep: bool = True  # False: its one generated token is left out (max_tokens 0 with echo)
     counts_prompt: bool = True  # the first choice of its prompt: usage counts the prompt once
+    tools: bool = False  # the model was given tools: its tool-call blocks become tool_calls
     # collected while answering
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -86,8 +88,13 @@ class Answer:
             prompt = (c.prompt_logprobs or ()) if c.echo else None
             lps = self._logprobs(c, c.logprobs, len(c.echo), prompt)
             text = c.echo + "".join(c.text)
-            make = P.chat_choice if self.chat else P.completion_choice
-            body.append(make(c.index, text, c.last.finish_reason, lps))
+            if not self.chat:
+                body.append(P.completion_choice(c.index, text, c.last.finish_reason, lps))
+                continue
+            calls = None
+            if c.tools:
+                text, calls = parse(text)
+            body.append(P.chat_choice(c.index, text, _finish(c.last.finish_reason, calls), lps, calls))
         return P.response(self.chat, self.rid, self.model, body, self._usage())
 
     # -- SSE ----------------------------------------------------------------------------------
@@ -95,6 +102,8 @@ class Answer:
         created = int(time.time())
         offsets = {c.index: len(c.echo) for c in self.choices}  # completions' text_offset so far
         echoed: set[int] = set()
+        parsers = {c.index: StreamParser() for c in self.choices if c.tools}
+        called: dict[int, int] = {}  # choice -> tool calls sent
 
         def send(choice: dict) -> str:
             body = P.chunk(self.chat, self.rid, self.model, created, [choice])
@@ -128,10 +137,18 @@ class Answer:
                     echoed.add(i)
                     yield piece(c, c.echo, prompt=(out.prompt_logprobs or ()) if self.want_logprobs else None)
                 lps = out.logprobs if self.want_logprobs and c.keep else ()
-                if c.keep and (out.text or lps):
-                    yield piece(c, out.text, lps)
+                text, calls = out.text, []
+                if i in parsers:
+                    text, calls = parsers[i].feed(text)
+                    if out.finished:
+                        text += parsers[i].flush()[0]
+                if c.keep and (text or lps):
+                    yield piece(c, text, lps)
+                for call in calls:
+                    k = called[i] = called.get(i, 0) + 1
+                    yield send(P.chat_delta(c.index, {"tool_calls": [{"index": k - 1, **call}]}, None))
                 if out.finished:
-                    yield piece(c, "", finish=out.finish_reason)
+                    yield piece(c, "", finish=_finish(out.finish_reason, called.get(i)))
             else:
                 if self.include_usage:
                     body = P.chunk(self.chat, self.rid, self.model, created, [])
@@ -140,3 +157,8 @@ class Answer:
             yield "data: [DONE]\n\n"
         finally:
             await events.aclose()
+
+
+def _finish(reason: str, calls) -> str:
+    """OpenAI's finish reason: a choice that stopped after calling tools says so."""
+    return "tool_calls" if calls and reason == "stop" else reason

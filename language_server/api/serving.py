@@ -23,6 +23,7 @@ from language_server.api.errors import APIError, bad_request
 from language_server.api.logprobs import TokenText
 from language_server.api.metrics import Metrics
 from language_server.api.responses import Answer, Choice
+from language_server.api.tools import with_tools
 from language_server.engine.engine import Engine, RequestOutput
 from language_server.engine.sequence import SamplingParams, Sequence, Status
 from language_server.mm.base import (
@@ -51,7 +52,8 @@ class Serving:
     # -- endpoints ----------------------------------------------------------------------------
     async def chat(self, request: Request, body: P.ChatCompletionRequest) -> object:
         self._check_model(body)
-        messages, images = body.to_dicts(), body.image_urls()
+        tools = body.tool_dicts()
+        messages, images = with_tools(body.to_dicts(), tools), body.image_urls()
         if len(images) > self.s.max_images_per_request:
             raise bad_request(
                 f"{len(images)} images in the request; this server accepts at most "
@@ -85,7 +87,9 @@ class Serving:
             seqs = [
                 Sequence(self._seq_id(rid, j, body.n), ids, self._seeded(params, j)) for j in range(body.n)
             ]
-        choices = [Choice(j, s.prompt_ids, counts_prompt=j == 0) for j, s in enumerate(seqs)]
+        choices = [
+            Choice(j, s.prompt_ids, counts_prompt=j == 0, tools=bool(tools)) for j, s in enumerate(seqs)
+        ]
         queue = await self._submit(seqs, messages, images, body.requested_max_tokens(), request)
         return await self._respond(request, "chat", body, rid, seqs, choices, queue)
 

@@ -126,6 +126,22 @@ def test_an_image_request_with_several_choices_encodes_once(cluster, hf_oracle, 
         assert pool_used(cluster[mode]) == 0
 
 
+def test_an_image_request_with_tools_counts_the_same_everywhere(cluster):
+    """The tools reach the encoder's rendering of an image prompt as they reach monolithic's."""
+    tools = [{"type": "function", "function": {"name": "zoom", "parameters": {"type": "object"}}}]
+    messages = case_messages("one_png")
+    counts = {
+        mode: openai_client(cluster[mode].url)
+        .chat.completions.create(model="tiny", messages=messages, tools=tools, max_tokens=2, **GREEDY)
+        .usage.prompt_tokens
+        for mode in MODES
+    }
+    bare = openai_client(cluster["mono"].url).chat.completions.create(
+        model="tiny", messages=messages, max_tokens=2, **GREEDY
+    )
+    assert len(set(counts.values())) == 1 and counts["mono"] > bare.usage.prompt_tokens, counts
+
+
 def test_both_encoders_take_load_and_text_needs_none(cluster):
     encs = [cluster["enc0"], cluster["enc1"]]
     before = [e.metric('deepsplit_encode_requests_total{status="ok"}') for e in encs]

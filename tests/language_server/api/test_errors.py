@@ -135,10 +135,10 @@ def b64url(data: bytes) -> str:
             "response_format",
         ),
         (
-            chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]),
+            chat("hi", tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
             400,
-            ["tool calls are not supported"],
-            "tools",
+            ["constrained decoding"],
+            "tool_choice",
         ),
     ],
     ids=[
@@ -174,7 +174,7 @@ def b64url(data: bytes) -> str:
         "logit-bias-value",
         "logit-bias-id",
         "json-mode",
-        "tools",
+        "tool-choice-required",
     ],
 )
 def test_bad_requests(server, body, status, words, param):
