@@ -132,7 +132,8 @@ class Serving:
             if not body.messages:
                 raise bad_request("messages is empty", "messages")
             try:
-                text = self.pre.render(body.to_dicts(), add_generation_prompt=body.add_generation_prompt)
+                messages = with_tools(body.to_dicts(), None)  # tool turns as a chat request renders them
+                text = self.pre.render(messages, add_generation_prompt=body.add_generation_prompt)
             except Exception as e:  # noqa: BLE001 - template errors are the request's fault
                 raise bad_request(f"messages could not be rendered: {e}", "messages") from None
         else:
@@ -285,10 +286,12 @@ class Serving:
             inputs.release()
             self._abort(seqs)
             raise
-        for j, seq in enumerate(seqs):
+        # the copies before the engine has the buffer: it frees it once the first prefill read it
+        rows = [inputs] + [_copy(inputs) for _ in seqs[1:]]
+        for seq, own in zip(seqs, rows, strict=True):
             # safe: the engine reads params only after `inputs_ready` below
             seq.params = replace(seq.params, max_tokens=max_tokens)
-            self.engine.inputs_ready(seq.id, inputs if j == 0 else _copy(inputs))
+            self.engine.inputs_ready(seq.id, own)
         return queue
 
     def _abort(self, seqs: list[Sequence]) -> None:
