@@ -96,7 +96,7 @@ class _Sampling(_Nullable):
     stop_token_ids: list[int] | None = None
     seed: int | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0, description="extension (vLLM): no EOS / stop_token_ids before")
+    min_tokens: int = Field(0, ge=0, description="extension (vLLM): nothing ends the output before")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="extension (vLLM, sglang)")

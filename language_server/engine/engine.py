@@ -127,7 +127,11 @@ class Engine:
     def _handle(self, kind: str, a, b) -> None:
         if kind == "add":
             seq, sink = a, b
-            self._seqs[seq.id] = (seq, sink, Detokenizer(self.tokenizer, seq.params.stop))
+            self._seqs[seq.id] = (
+                seq,
+                sink,
+                Detokenizer(self.tokenizer, seq.params.stop, seq.params.min_tokens),
+            )
             try:
                 self.scheduler.add(seq)
             except ValueError as e:

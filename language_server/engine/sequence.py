@@ -28,7 +28,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    min_tokens: int = 0  # EOS and stop_token_ids cannot end the output before this many tokens
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings cannot end the output before this many tokens
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k best rivals
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
     repetition_penalty: float = 1.0

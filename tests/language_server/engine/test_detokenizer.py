@@ -54,3 +54,12 @@ def test_incomplete_characters_wait_for_their_second_token():
     assert d.add(0) == ("", False)
     assert d.add(1) == ("é", False)
     assert d.add(ord("!")) == ("!", False)
+
+
+def test_a_stop_string_within_the_first_min_tokens_does_not_stop():
+    d = Detokenizer(CharTokenizer(), ("ab",), min_tokens=4)
+    deltas, hit = feed(d, "abxabyy")
+    assert hit and "".join(deltas) == "abx"  # the first "ab" ended at token 2 < 4, the second counts
+    d = Detokenizer(CharTokenizer(), ("ab",), min_tokens=4)
+    deltas, hit = feed(d, "xxaby")  # one that starts before and ends at token 4 counts
+    assert hit and "".join(deltas) == "xx"
