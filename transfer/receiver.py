@@ -334,11 +334,9 @@ class TransferReceiver:
             f"the sender's last message before it waited for {msg.waiting} never arrived "
             "(lost with a dropped connection)"
         )
-        if room.peer is None:  # not even its claim came
-            self.rooms.fail(room.id, reason)
-            log.warning("transfer: room %s failed: %s", room.id, reason)
-            return self._send(peer, m.Ack(room=room.id, ok=False, reason=reason))
         self._fail(room, reason)
+        if room.peer is None:  # not even its claim came: `_fail` had nobody to tell
+            self._send(peer, m.Ack(room=room.id, ok=False, reason=reason))
 
     def _on_partial(self, peer: bytes, room: Room, msg: m.Partial) -> None:
         room.answer = None  # a new step: the previous answer is no longer what the sender waits for

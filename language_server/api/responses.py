@@ -141,7 +141,7 @@ class Answer:
                 if i in parsers:
                     text, calls = parsers[i].feed(text)
                     if out.finished:
-                        text += parsers[i].flush()[0]
+                        text += parsers[i].flush()
                 if c.keep and (text or lps):
                     yield piece(c, text, lps)
                 for call in calls:

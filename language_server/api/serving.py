@@ -100,16 +100,15 @@ class Serving:
         rid = f"cmpl-{uuid.uuid4().hex}"
         seqs, choices = [], []
         for p in prompts:
-            if isinstance(p, str):
-                ids = self.pre.tokenizer(p, add_special_tokens=False)["input_ids"]
-                if not ids:
-                    raise bad_request("prompt is empty", "prompt")
-            else:
-                ids = list(p)
-                if not ids:
-                    raise bad_request("prompt is empty", "prompt")
-                if any(not 0 <= t < self.vocab_size for t in ids):
-                    raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
+            ids = (
+                self.pre.tokenizer(p, add_special_tokens=False)["input_ids"]
+                if isinstance(p, str)
+                else list(p)
+            )
+            if not ids:
+                raise bad_request("prompt is empty", "prompt")
+            if any(not 0 <= t < self.vocab_size for t in ids):
+                raise bad_request(f"prompt token ids must be in [0, {self.vocab_size})", "prompt")
             params = self._params(body, len(ids))
             echo = ""
             if body.echo:

@@ -77,9 +77,7 @@ def parse(text: str) -> tuple[str | None, list[dict]]:
     """(the text outside tool-call blocks, None if only blocks; the calls)."""
     p = StreamParser()
     content, calls = p.feed(text)
-    rest, more = p.flush()
-    content += rest
-    calls += more
+    content += p.flush()
     if calls and not content.strip():
         return None, calls
     return content, calls
@@ -117,11 +115,11 @@ class StreamParser:
             self._buf = self._buf[len(self._buf) - keep :]
             return "".join(out), calls
 
-    def flush(self) -> tuple[str, list[dict]]:
+    def flush(self) -> str:
         """The answer ended: whatever is held back is text (an unclosed block too)."""
         rest = (OPEN if self._inside else "") + self._buf
         self._buf, self._inside = "", False
-        return rest, []
+        return rest
 
 
 def _partial_open(s: str) -> int:
