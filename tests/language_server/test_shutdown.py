@@ -46,6 +46,18 @@ def _stream_then_terminate(server, **create):
     return finish, tokens, error, time.monotonic() - sent
 
 
+def _lasting(server, seconds: float) -> dict:
+    """LONG, with max_tokens for about `seconds` of decode on this machine today (timed on a short
+    request first): a fixed count outlasted 5 s on a busy day and did not on a quiet one."""
+    client = openai_client(server.url).with_options(timeout=120, max_retries=0)
+    t = time.monotonic()
+    client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Count."}], **{**LONG, "max_tokens": 200}
+    )
+    per_token = (time.monotonic() - t) / 200
+    return {**LONG, "max_tokens": min(4000, int(seconds / per_token))}  # the server's --max-model-len 4096
+
+
 def _refused(server) -> bool:
     try:
         httpx.get(server.url + "/ready", timeout=5)
@@ -55,14 +67,17 @@ def _refused(server) -> bool:
 
 
 def test_a_stream_in_flight_finishes_after_sigterm_and_new_connections_are_refused(tiny_model_dir, tmp_path):
-    server = language(tiny_model_dir, tmp_path, "lang", "--shutdown-grace-s", "60").wait_healthy()
+    server = language(
+        tiny_model_dir, tmp_path, "lang", "--shutdown-grace-s", "60", "--max-model-len", "4096"
+    ).wait_healthy()
     try:
         refused = []
         t = threading.Timer(1.0, lambda: refused.append(_refused(server)))
+        long = _lasting(server, 12)
         t.start()  # while the stream still runs
-        finish, tokens, error, after = _stream_then_terminate(server, **LONG)
+        finish, tokens, error, after = _stream_then_terminate(server, **long)
         t.join()
-        assert error is None and finish == "length" and tokens == LONG["max_tokens"], (error, finish, tokens)
+        assert error is None and finish == "length" and tokens == long["max_tokens"], (error, finish, tokens)
         assert after > 5, after  # the old fixed 5 s would have cut it: the test must outlast that
         assert refused == [True]
         server.proc.wait(20)  # and then it exits by itself
