@@ -84,6 +84,11 @@ class LanguageSettings(BaseModel):
     block_size: int = Field(16, ge=1, le=1024)
     kv_cache_bytes: int = Field(256 * 2**20, ge=4096, description="memory for the paged KV cache")
     max_model_len: int | None = Field(None, ge=16, description="prompt + output limit (default: the model's)")
+    enable_prefix_caching: bool = Field(
+        True,
+        description="reuse the K/V of full blocks a request shares with an earlier one (the same tokens "
+        "and images from the start); free cached blocks are evicted least recently used",
+    )
     # scheduling
     max_num_seqs: int = Field(64, ge=1, description="sequences running at once")
     max_num_batched_tokens: int = Field(1024, ge=16, description="token budget of one engine step")

@@ -92,7 +92,9 @@ def build_engine(settings: LanguageSettings) -> BuiltEngine:
     )
     runner = ModelRunner(lm, cfg, num_blocks, settings.block_size, tuple(cfg.eos_token_ids))
     scheduler = Scheduler(
-        BlockManager(num_blocks, settings.block_size), settings.max_num_seqs, settings.max_num_batched_tokens
+        BlockManager(num_blocks, settings.block_size, settings.enable_prefix_caching),
+        settings.max_num_seqs,
+        settings.max_num_batched_tokens,
     )
     return BuiltEngine(Engine(runner, scheduler, pre.tokenizer, cfg.eos_token_ids), cfg, pre, max_len)
 

@@ -41,6 +41,9 @@ class Metrics:
             ("kv_blocks_used", "KV cache blocks held by sequences"),
             ("kv_blocks_total", "KV cache blocks in the pool"),
             ("preemptions", "sequences preempted so far (recompute)"),
+            ("kv_blocks_cached", "KV cache blocks holding a prefix-cache key (held or free)"),
+            ("prefix_cache_queried_tokens", "prompt tokens looked up in the prefix cache"),
+            ("prefix_cache_hit_tokens", "prompt tokens whose K/V the prefix cache had"),
         ]:
             Gauge(p + key, doc, registry=r).set_function(lambda k=key: stats()[k])
 

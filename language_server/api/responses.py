@@ -57,7 +57,10 @@ class Answer:
             o.prompt_tokens for c, o in zip(self.choices, last, strict=True) if o and c.counts_prompt
         )
         done = sum(o.completion_tokens for c, o in zip(self.choices, last, strict=True) if o and c.keep)
-        return P.usage(prompt, done)
+        cached = sum(
+            o.cached_tokens for c, o in zip(self.choices, last, strict=True) if o and c.counts_prompt
+        )
+        return P.usage(prompt, done, cached)
 
     def _logprobs(self, c: Choice, lps: list[TokenLogprobs], offset: int, prompt=None) -> dict | None:
         """The choice's `logprobs` for these tokens (and, with `prompt`, its echoed prompt's first)."""

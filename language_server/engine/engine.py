@@ -41,6 +41,7 @@ class RequestOutput:
     error_status: int = 400  # HTTP status the error maps to
     logprobs: tuple[TokenLogprobs, ...] = ()  # of `token_ids`, when the request asked for them
     prompt_logprobs: tuple[TokenLogprobs, ...] | None = None  # of prompt tokens 1.., with the first token
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
 
 
 Sink = Callable[[RequestOutput], None]
@@ -143,7 +144,8 @@ class Engine:
                 return
             try:
                 self.runner.add_vision(a, b)
-                self.scheduler.inputs_ready(a, b.fill_ids.tolist(), b.mrope_delta)
+                extras = self.runner.block_extras(a) if self.scheduler.blocks.caching else None
+                self.scheduler.inputs_ready(a, b.fill_ids.tolist(), b.mrope_delta, extras)
             except ValueError as e:
                 b.release()
                 self._end(a, "error", str(e))
@@ -198,6 +200,7 @@ class Engine:
                     completion_tokens=n,
                     logprobs=lps,
                     prompt_logprobs=plps,
+                    cached_tokens=seq.num_cached,
                 )
             )
         else:
@@ -232,6 +235,7 @@ class Engine:
                 status,
                 lps,
                 plps,
+                seq.num_cached,
             )
         )
 
@@ -251,6 +255,9 @@ class Engine:
             "kv_blocks_used": s.blocks.num_used,
             "kv_blocks_total": s.blocks.num_blocks,
             "preemptions": s.num_preemptions,
+            "kv_blocks_cached": s.blocks.num_cached,
+            "prefix_cache_queried_tokens": s.prefix_queried_tokens,
+            "prefix_cache_hit_tokens": s.prefix_hit_tokens,
             "steps": self.steps,
         }
 

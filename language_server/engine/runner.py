@@ -10,6 +10,7 @@ scheduling decisions here.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,28 @@ class ModelRunner:
         pads = torch.nonzero(is_image).squeeze(1)
         consumed_at = int(pads[-1]) + 1 if pads.numel() else 0
         self._vision[seq_id] = _Vision(inputs, before, is_image, consumed_at)
+
+    def block_extras(self, seq_id: str) -> dict[int, bytes]:
+        """Per KV block holding image pads, a digest of those pads' vision rows and M-RoPE positions:
+        what a block's token ids cannot tell apart (`prefix.py`). Only the embeddings are read, the
+        deepstack rows come from the same image. ~1 GB/s here: 4 ms for an image of 1024 pads at
+        2048 bf16 wide."""
+        v = self._vision.get(seq_id)
+        if v is None:
+            return {}
+        bs, n = self.block_size, v.is_image.numel()
+        emb = v.inputs.embeddings
+        out = {}
+        for i in range((n + bs - 1) // bs):
+            a, b = i * bs, min((i + 1) * bs, n)
+            r0, r1 = int(v.rows_before[a]), int(v.rows_before[b])
+            if r1 == r0:
+                continue
+            h = hashlib.blake2b(digest_size=16)
+            h.update(emb[r0:r1].contiguous().view(torch.uint8).numpy())
+            h.update(v.inputs.positions[:, a:b][:, v.is_image[a:b]].contiguous().numpy())
+            out[i] = h.digest()
+        return out
 
     def release(self, seq_id: str) -> None:
         """The request finished or was aborted: drop its tensors and free its receive buffer."""

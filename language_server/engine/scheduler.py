@@ -4,7 +4,12 @@ States: waiting-for-embeddings -> waiting -> running -> finished. Running sequen
 (oldest first: one decode token, or the next chunk of a long prompt), then waiting prompts are
 admitted FCFS while the step's token budget, `max_num_seqs` and free KV blocks allow. A prompt is
 admitted only when blocks for all its tokens are free; when a decode needs a block and none is
-free, the newest running sequence is preempted (blocks freed, recomputed later). No tensors here.
+free, the newest running sequence is preempted (blocks freed, recomputed later). With prefix
+caching, an admitted sequence first takes the cached blocks its leading tokens match (at least its
+last token is always computed: that row is sampled) and starts after them, and each block a step
+fills is keyed as the step is scheduled, so a sequence admitted later in the same step already
+shares it (each layer writes the step's K/V before any attention reads it). A request that asks for
+its prompt's log-probabilities computes every prompt row. No tensors here.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from language_server.engine import prefix
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.sequence import Sequence, Status
 
@@ -49,6 +55,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache (first admissions)
+        self.prefix_hit_tokens = 0  # ... and found there
 
     # -- requests in and out ------------------------------------------------------------------
     def capacity_tokens(self) -> int:
@@ -62,10 +70,14 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.append(seq)
 
-    def inputs_ready(self, seq_id: str, prompt_ids: list[int], mrope_delta: int) -> Sequence:
-        """A pending sequence got its prompt (expanded ids) and becomes schedulable."""
+    def inputs_ready(
+        self, seq_id: str, prompt_ids: list[int], mrope_delta: int, block_extras: dict[int, bytes] | None = None
+    ) -> Sequence:
+        """A pending sequence got its prompt (expanded ids) and becomes schedulable; `block_extras`:
+        the digest of each block's image pads (the runner's `add_vision`)."""
         seq = self.pending.pop(seq_id)
         seq.prompt_ids, seq.mrope_delta = list(prompt_ids), mrope_delta
+        seq.block_extras, seq.block_keys = dict(block_extras or {}), []
         try:
             self._check_fits(seq)
         except ValueError:
@@ -114,6 +126,7 @@ class Scheduler:
                     break
             if seq.status is Status.RUNNING:
                 out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+                self._key_filled(seq, seq.num_computed + n)
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
@@ -121,18 +134,54 @@ class Scheduler:
                 self.finish(seq, "length")
                 out.finished.append(seq)
                 continue
-            need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids)
+            hit = self._cached_prefix(seq)
+            need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids) - len(hit)
+            need += self.blocks.reviving(hit)
             if need + self.watermark_blocks > self.blocks.num_free and self.running:
                 break
-            if not self.blocks.grow(seq.block_ids, seq.num_tokens):
+            if need > self.blocks.num_free:
                 break  # nothing running and still short: only possible with a tiny watermark slack
+            self._take_prefix(seq, hit)
+            self.blocks.grow(seq.block_ids, seq.num_tokens)
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
             out.scheduled.append(ScheduledSeq(seq, seq.num_computed, n))
+            self._key_filled(seq, seq.num_computed + n)
             budget -= n
         return out
+
+    # -- prefix caching -----------------------------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks a sequence holding nothing yet could start from (none if it wants its
+        prompt's log-probabilities: those need every prompt row computed)."""
+        if not self.blocks.caching or seq.block_ids or seq.params.prompt_logprobs is not None:
+            return []
+        bs = self.blocks.block_size
+        most = (seq.num_tokens - 1) // bs  # the last token is computed: its row is sampled
+        return self.blocks.lookup(prefix.extend_keys(seq, most, bs), most)
+
+    def _take_prefix(self, seq: Sequence, hit: list[int]) -> None:
+        if not self.blocks.caching or seq.block_ids or seq.params.prompt_logprobs is not None:
+            return
+        self.blocks.take(hit)
+        seq.block_ids.extend(hit)
+        seq.num_computed = len(hit) * self.blocks.block_size
+        if seq.num_preemptions == 0 and not seq.output_ids:  # the first admission: what usage reports
+            seq.num_cached = seq.num_computed
+            self.prefix_queried_tokens += seq.num_prompt
+            self.prefix_hit_tokens += seq.num_computed
+
+    def _key_filled(self, seq: Sequence, upto: int) -> None:
+        """Key the blocks that tokens [0, upto) fill, as this step writes them."""
+        if not self.blocks.caching:
+            return
+        bs = self.blocks.block_size
+        first = seq.num_computed // bs
+        keys = prefix.extend_keys(seq, upto // bs, bs)
+        for i in range(first, len(keys)):
+            self.blocks.register(seq.block_ids[i], keys[i])
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

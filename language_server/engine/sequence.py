@@ -54,6 +54,10 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # prefix caching (plain data: the keys are bytes)
+    block_extras: dict[int, bytes] = field(default_factory=dict)  # block index -> its image pads' digest
+    block_keys: list[bytes] = field(default_factory=list)  # content keys of the full blocks so far
+    num_cached: int = 0  # prompt tokens found in the cache when first admitted
     arrival: float = field(default_factory=time.monotonic)
 
     @property

@@ -174,6 +174,29 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert "deepsplit_language_mm_buffer_blocks_used" in text and "deepsplit_language_waiting " in text
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(server, client, pre):
+    messages = [{"role": "user", "content": "Describe a lighthouse at night, in a few words. " * 3}]
+    ids = pre.tokenizer(pre.render(messages), add_special_tokens=False)["input_ids"]
+    hits = server.metric("deepsplit_language_prefix_cache_hit_tokens")
+    first = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **GREEDY)
+    again = client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, **GREEDY)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert cached == (len(ids) - 1) // 16 * 16 > 0  # the server's block size: 16
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert server.metric("deepsplit_language_prefix_cache_hit_tokens") == hits + cached
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=4,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    )
+    usage = [c.usage for c in stream if c.usage]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [cached]
+
+
 def test_api_key_is_required(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
     r = httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"})

@@ -153,3 +153,108 @@ def test_finish_frees_blocks_from_every_state():
         sch.finish(s, "abort")
         assert s.status is Status.FINISHED and s.finish_reason == "abort"
     assert sch.blocks.num_free == 16 and not sch.has_work and not sch.pending
+
+
+# -- prefix caching ---------------------------------------------------------------------------
+def cached(num_blocks: int = 64, **kw) -> Scheduler:
+    kw.setdefault("max_num_batched_tokens", 100)
+    return Scheduler(BlockManager(num_blocks, 4, caching=True), max_num_seqs=8, **kw)
+
+
+def test_a_later_request_with_the_same_prompt_starts_after_the_cached_blocks():
+    sch = cached()
+    a = seq("a", 10)
+    sch.add(a)
+    run_step(sch)
+    b, c = seq("b", 10), seq("c", 8)  # c: 8 tokens, exactly 2 blocks, but its last token is computed
+    sch.add(b)
+    sch.add(c)
+    out = run_step(sch)
+    assert [(s.seq.id, s.start, s.num_tokens) for s in out.scheduled] == [
+        ("a", 10, 1),
+        ("b", 8, 2),
+        ("c", 4, 4),
+    ]
+    assert b.block_ids[:2] == a.block_ids[:2] and c.block_ids[0] == a.block_ids[0]
+    assert c.block_ids[1] != a.block_ids[1]  # c writes its own copy of the block its last token is in
+    assert (b.num_cached, c.num_cached) == (8, 4)
+    assert (sch.prefix_queried_tokens, sch.prefix_hit_tokens) == (28, 12)
+
+
+def test_requests_admitted_in_the_same_step_share_what_the_first_one_computes():
+    sch = cached()
+    seqs = [seq(f"s{i}", 9) for i in range(3)]
+    for s in seqs:
+        sch.add(s)
+    out = run_step(sch)
+    assert [(s.start, s.num_tokens) for s in out.scheduled] == [(0, 9), (8, 1), (8, 1)]
+    assert len({tuple(s.block_ids[:2]) for s in seqs}) == 1
+    assert sch.blocks.num_used == 2 + 3  # the two shared blocks and each one's own last block
+
+
+def test_a_request_that_wants_its_prompt_logprobs_computes_every_prompt_row():
+    sch = cached()
+    sch.add(seq("a", 9))
+    run_step(sch)
+    b = Sequence("b", list(range(1, 10)), SamplingParams(max_tokens=5, prompt_logprobs=0))
+    sch.add(b)
+    out = run_step(sch)
+    assert [(s.seq.id, s.start) for s in out.scheduled] == [("a", 9), ("b", 0)] and b.num_cached == 0
+
+
+def test_generated_tokens_fill_keyed_blocks_a_follow_up_prompt_reuses():
+    sch = cached()
+    a = seq("a", 6)
+    sch.add(a)
+    for _ in range(5):  # 6 prompt tokens + 5 generated: tokens 0..10 computed, blocks 0 and 1 full
+        run_step(sch)
+    follow = Sequence("f", a.prompt_ids + a.output_ids[:4] + [50, 51], SamplingParams(max_tokens=5))
+    sch.finish(a, "stop")
+    sch.add(follow)
+    out = run_step(sch)
+    assert [(s.seq.id, s.start) for s in out.scheduled] == [("f", 8)]
+
+
+def test_a_preempted_request_comes_back_to_its_own_cached_blocks():
+    sch = cached(4, watermark=0)
+    a = seq("a", 8)
+    b = Sequence("b", list(range(11, 19)), SamplingParams(max_tokens=100))
+    sch.add(a)
+    sch.add(b)
+    run_step(sch)  # both prefilled: all four blocks full and keyed
+    out = run_step(sch)
+    assert out.preempted == [b]  # a's decode took b's last block (freed last to first: its tail)
+    sch.finish(a, "length")
+    out = run_step(sch)  # b recomputes only what was evicted: its second block and its token
+    assert [(s.seq.id, s.start, s.num_tokens) for s in out.scheduled] == [("b", 4, 5)]
+    assert b.num_cached == 0 and sch.prefix_hit_tokens == 0  # usage reports its first admission
+
+
+def test_cached_blocks_count_as_free_space_and_are_evicted_for_new_prompts():
+    sch = cached(4, watermark=0)
+    for name in "abcd":  # each distinct, each leaves two keyed blocks behind
+        s = Sequence(name, [ord(name)] * 8, SamplingParams(max_tokens=1))
+        sch.add(s)
+        out = run_step(sch)
+        assert [x.seq.id for x in out.scheduled] == [name]
+        sch.finish(s, "length")
+    assert sch.blocks.num_free == 4 and sch.blocks.num_cached <= 4
+
+
+def test_the_image_digest_of_a_block_decides_whether_it_matches():
+    sch = cached()
+    ids = [1, 2, 3, 4, 9, 9, 9, 9, 5, 6]  # block 1 holds image pads
+    a, b, c = (
+        Sequence(
+            name, [], SamplingParams(max_tokens=5), status=Status.WAITING_FOR_EMBEDDINGS, multimodal=True
+        )
+        for name in "abc"
+    )
+    sch.add(a)
+    sch.inputs_ready("a", ids, 0, {1: b"img-x"})
+    run_step(sch)
+    for s, digest in ((b, b"img-x"), (c, b"img-y")):
+        sch.add(s)
+        sch.inputs_ready(s.id, ids, 0, {1: digest})
+    out = run_step(sch)
+    assert [(s.seq.id, s.start) for s in out.scheduled] == [("a", 10), ("b", 8), ("c", 4)]
