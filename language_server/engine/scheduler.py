@@ -71,7 +71,11 @@ class Scheduler:
         self.waiting.append(seq)
 
     def inputs_ready(
-        self, seq_id: str, prompt_ids: list[int], mrope_delta: int, block_extras: dict[int, bytes] | None = None
+        self,
+        seq_id: str,
+        prompt_ids: list[int],
+        mrope_delta: int,
+        block_extras: dict[int, bytes] | None = None,
     ) -> Sequence:
         """A pending sequence got its prompt (expanded ids) and becomes schedulable; `block_extras`:
         the digest of each block's image pads (the runner's `add_vision`)."""

@@ -48,15 +48,6 @@ def oracle(hf, ids: list[int], n: int, **kw) -> list[int]:
     return out[0, len(ids) :].tolist()
 
 
-@pytest.fixture(scope="module")
-def vision(tiny_model_dir):
-    from encode_server.encoder import Encoder
-
-    enc = Encoder(str(tiny_model_dir), cache_bytes=0)
-    yield enc
-    enc.close()
-
-
 def mm_inputs(vision, messages, images, released: list | None = None) -> MultimodalInputs:
     e = vision.encode(messages, images)
     cb = (lambda: released.append(1)) if released is not None else None

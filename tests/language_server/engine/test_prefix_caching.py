@@ -8,7 +8,7 @@ import pytest
 
 from language_server.engine.sequence import SamplingParams
 from tests.language_server.conftest import image_message, make_image, start_engine
-from tests.language_server.engine.test_engine import greedy, mm_inputs, oracle, run, text_ids, vision  # noqa: F401
+from tests.language_server.engine.test_engine import greedy, mm_inputs, oracle, run, text_ids
 
 BS = 8
 
@@ -23,7 +23,9 @@ def cached(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):
-    built = start_engine(tiny_model_dir, max_num_batched_tokens=64, block_size=BS, enable_prefix_caching=False)
+    built = start_engine(
+        tiny_model_dir, max_num_batched_tokens=64, block_size=BS, enable_prefix_caching=False
+    )
     yield built
     built.engine.stop()
 
