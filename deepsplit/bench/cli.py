@@ -10,6 +10,7 @@ BENCHES = {
     "serve": "deepsplit.bench.serve",
     "model": "deepsplit.bench.model",
     "serve-images": "deepsplit.bench.serve_images",
+    "prefix": "deepsplit.bench.prefix",
 }
 
 

@@ -51,7 +51,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model: str, threads: int, max_seqs: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, threads: int, max_seqs: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    """A language server on a free port for a benchmark; returns (process, base URL) once healthy."""
     import httpx
 
     port = _free_port()
@@ -73,6 +74,7 @@ def _start_server(model: str, threads: int, max_seqs: int) -> tuple[subprocess.P
         str(1 << 30),
         "--log-level",
         "warning",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -118,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
 
-    proc, url = _start_server(args.model, args.threads, max(64, max(conc)))
+    # every concurrency replays the same requests and HF caches nothing: no prefix cache here
+    # (`deepsplit bench prefix` measures it)
+    proc, url = start_server(args.model, args.threads, max(64, max(conc)), "--no-enable-prefix-caching")
     try:
         drive(url, "bench", reqs[: min(2, n)], 2)  # warm-up
         for c in conc:

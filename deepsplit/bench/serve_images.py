@@ -142,6 +142,7 @@ def run_server_contender(name: str, args, work: dict, log_dir: str) -> tuple[lis
     base = port_base(n_enc + 1)
     lang = ["--threads", str(lt), "--served-model-name", "bench", "--max-num-seqs", "64"]
     lang += ["--kv-cache-bytes", str(1 << 30), "--log-level", "warning"]
+    lang += ["--no-enable-prefix-caching"]  # both concurrencies replay one workload; HF caches nothing
     if n_enc:
         lang += ["--mm-buffer-bytes", str(512 << 20), "--transfer-port", "0"]
     s = ClusterSettings(
