@@ -58,6 +58,7 @@ class BuiltEngine:
     cfg: object  # deepsplit ModelConfig
     preprocessor: object
     max_model_len: int
+    grammars: object = None  # language_server.engine.grammar.Grammars
 
 
 def build_engine(settings: LanguageSettings) -> BuiltEngine:
@@ -68,6 +69,7 @@ def build_engine(settings: LanguageSettings) -> BuiltEngine:
     from deepsplit.model.processor import Preprocessor
     from language_server.engine.block_manager import BlockManager
     from language_server.engine.engine import Engine
+    from language_server.engine.grammar import Grammars
     from language_server.engine.runner import ModelRunner
     from language_server.engine.scheduler import Scheduler
     from transfer import heap
@@ -90,13 +92,15 @@ def build_engine(settings: LanguageSettings) -> BuiltEngine:
         capacity,
         max_len,
     )
-    runner = ModelRunner(lm, cfg, num_blocks, settings.block_size, tuple(cfg.eos_token_ids))
+    grammars = Grammars(pre.tokenizer, cfg.text.vocab_size)
+    runner = ModelRunner(lm, cfg, num_blocks, settings.block_size, tuple(cfg.eos_token_ids), grammars)
     scheduler = Scheduler(
         BlockManager(num_blocks, settings.block_size, settings.enable_prefix_caching),
         settings.max_num_seqs,
         settings.max_num_batched_tokens,
     )
-    return BuiltEngine(Engine(runner, scheduler, pre.tokenizer, cfg.eos_token_ids), cfg, pre, max_len)
+    engine = Engine(runner, scheduler, pre.tokenizer, cfg.eos_token_ids)
+    return BuiltEngine(engine, cfg, pre, max_len, grammars)
 
 
 @dataclass
@@ -127,6 +131,7 @@ class LanguageServer:
             metrics,
             built.max_model_len,
             built.cfg.text.vocab_size,
+            built.grammars,
         )
         app = build_app(serving, settings)
         server = cls(settings, engine, serving, app, provider)

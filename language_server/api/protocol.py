@@ -15,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from language_server.engine.grammar import schema_spec
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -134,15 +136,33 @@ class ChatCompletionRequest(_Sampling):
         """(param, why) if the request asks for something this server does not do."""
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
-        fmt = (self.response_format or {}).get("type", "text")
-        if fmt != "text":
-            return "response_format", f"response_format {fmt!r} is not supported (only 'text')"
+        try:
+            self.grammar_spec()
+        except ValueError as e:
+            return "response_format", str(e)
         if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
             return "tool_choice", (
                 "tool_choice 'required' or a named function needs constrained decoding, which this "
                 "server does not do; use 'auto' (the model decides) or 'none'"
             )
         return None
+
+    def grammar_spec(self) -> str | None:
+        """`response_format` as a grammar spec (`engine/grammar.py`): None for text; ValueError if
+        malformed."""
+        rf = self.response_format or {}
+        fmt = rf.get("type", "text")
+        if fmt == "text":
+            return None
+        if fmt == "json_object":
+            return "json"
+        if fmt == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs json_schema.schema, a JSON Schema object")
+            return schema_spec(schema)
+        raise ValueError(f"response_format type {fmt!r} is not one of 'text', 'json_object', 'json_schema'")
 
     def tool_dicts(self) -> list[dict] | None:
         """The tools the model is told about (none with tool_choice 'none')."""

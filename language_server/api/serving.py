@@ -25,6 +25,7 @@ from language_server.api.metrics import Metrics
 from language_server.api.responses import Answer, Choice
 from language_server.api.tools import with_tools
 from language_server.engine.engine import Engine, RequestOutput
+from language_server.engine.grammar import GrammarError
 from language_server.engine.sequence import SamplingParams, Sequence, Status
 from language_server.mm.base import (
     BadMultimodalInput,
@@ -44,8 +45,10 @@ class Serving:
         metrics: Metrics,
         max_model_len: int,
         vocab_size: int,
+        grammars=None,
     ) -> None:
         self.s, self.engine, self.pre, self.provider = settings, engine, preprocessor, provider
+        self.grammars = grammars  # engine/grammar.py Grammars (structured output), None: refused
         self.metrics, self.max_model_len, self.vocab_size = metrics, max_model_len, vocab_size
         self.token_text = TokenText(preprocessor.tokenizer)
 
@@ -64,9 +67,10 @@ class Serving:
         if images and self.provider is None:
             raise bad_request("this server does not accept images", "messages", "images_unsupported")
         self._check_choices(body.n)
+        grammar = await self._grammar(body)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if images:
-            params = self._params(body, None)
+            params = replace(self._params(body, None), grammar=grammar)
             seqs = [
                 Sequence(
                     self._seq_id(rid, j, body.n),
@@ -83,7 +87,7 @@ class Serving:
             except Exception as e:  # noqa: BLE001 - template errors are the request's fault
                 raise bad_request(f"messages could not be rendered: {e}", "messages") from None
             ids = self.pre.tokenizer(text, add_special_tokens=False)["input_ids"]
-            params = self._params(body, len(ids))
+            params = replace(self._params(body, len(ids)), grammar=grammar)
             seqs = [
                 Sequence(self._seq_id(rid, j, body.n), ids, self._seeded(params, j)) for j in range(body.n)
             ]
@@ -162,6 +166,27 @@ class Serving:
         refused = body.unsupported()
         if refused is not None:
             raise bad_request(refused[1], refused[0], "unsupported")
+
+    async def _grammar(self, body: P.ChatCompletionRequest) -> str | None:
+        """The request's response_format as a grammar spec, compiled once here (off the event loop)
+        so that a schema the grammar engine cannot take is this request's 400."""
+        spec = body.grammar_spec()
+        if spec is None:
+            return None
+        if self.grammars is None or not self.grammars.available():
+            raise bad_request(
+                "structured output (response_format json_object / json_schema) needs xgrammar, "
+                "which this server does not have",
+                "response_format",
+                "unsupported",
+            )
+        if body.min_tokens:
+            raise bad_request("min_tokens cannot be combined with response_format", "min_tokens")
+        try:
+            await asyncio.to_thread(self.grammars.compile, spec)
+        except GrammarError as e:
+            raise bad_request(f"response_format: {e}", "response_format") from None
+        return spec
 
     def _check_choices(self, n: int) -> None:
         if n > self.s.max_choices_per_request:

@@ -181,7 +181,11 @@ class Engine:
         if p.prompt_logprobs is not None and len(seq.output_ids) == 1:
             plps = self.runner.prompt_logprobs(seq.id)
         reason, text = None, ""
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if (
+            (tok in self.eos_ids and not p.ignore_eos)
+            or tok in p.stop_token_ids
+            or self.runner.grammar_ended(seq.id)
+        ):
             reason = "stop"
         else:
             text, hit = detok.add(tok)

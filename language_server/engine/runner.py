@@ -32,7 +32,9 @@ class _Vision:
 
 
 class ModelRunner:
-    def __init__(self, lm, cfg, num_blocks: int, block_size: int, eos_ids: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, lm, cfg, num_blocks: int, block_size: int, eos_ids: tuple[int, ...] = (), grammars=None
+    ) -> None:
         t = cfg.text
         self.lm, self.cfg, self.block_size = lm.pack_weights(), cfg, block_size
         self.eos_ids = tuple(eos_ids)  # what min_tokens keeps from ending an output early
@@ -45,6 +47,8 @@ class ModelRunner:
         self._vision: dict[str, _Vision] = {}
         self._generators: dict[str, torch.Generator] = {}
         self._prompt_lps: dict[str, dict[int, TokenLogprobs]] = {}  # seq id -> prompt position -> ...
+        self.grammars = grammars  # engine/grammar.py Grammars, for requests with structured output
+        self._matchers: dict = {}  # seq id -> its grammar Matcher
         self.last_step_s = 0.0
 
     @staticmethod
@@ -95,6 +99,12 @@ class ModelRunner:
             v.inputs.release()
         self._generators.pop(seq_id, None)
         self._prompt_lps.pop(seq_id, None)
+        self._matchers.pop(seq_id, None)
+
+    def grammar_ended(self, seq_id: str) -> bool:
+        """The sequence's grammar is complete (its last token was the stop token it then allows)."""
+        m = self._matchers.get(seq_id)
+        return m is not None and m.ended
 
     def prompt_logprobs(self, seq_id: str) -> tuple[TokenLogprobs, ...]:
         """The log-probabilities of prompt tokens 1..N-1 (each given the tokens before it), once
@@ -155,6 +165,10 @@ class ModelRunner:
             params = [self._row_params(seq) for seq in sample_seqs]
             best, logits = self.lm.sample_logits(hidden, logit_rows(params))
             toks = sample(logits, params, best)
+            for seq, t in zip(sample_seqs, toks, strict=True):
+                m = self._matchers.get(seq.id)
+                if m is not None and not m.accept(t):  # cannot happen: the mask allowed only these
+                    raise RuntimeError(f"grammar of {seq.id} refused token {t} it allowed")
             lps = token_logprobs(logits, params, toks)
             result = {seq.id: (t, lp) for seq, t, lp in zip(sample_seqs, toks, lps, strict=True)}
         self.last_step_s = time.perf_counter() - t0
@@ -225,6 +239,12 @@ class ModelRunner:
             gen = self._generators.get(seq.id)
             if gen is None:
                 gen = self._generators[seq.id] = torch.Generator().manual_seed(p.seed)
+        allowed = None
+        if p.grammar is not None:
+            m = self._matchers.get(seq.id)
+            if m is None:
+                m = self._matchers[seq.id] = self.grammars.matcher(p.grammar)
+            allowed = m.allowed()
         return RowParams(
             max(p.temperature, 0.0),
             p.top_p,
@@ -238,6 +258,7 @@ class ModelRunner:
             banned,
             seq.prompt_ids,
             seq.output_ids,
+            allowed,
         )
 
 

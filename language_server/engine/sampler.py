@@ -1,7 +1,7 @@
 """Turns a batch of logits into next tokens, each row with its own sampling parameters.
 
 A row's logits are first adjusted if it asks for it (repetition, frequency and presence penalties,
-logit bias, tokens banned for now), then greedy rows take the argmax and sampled rows are scaled by temperature, cut by
+logit bias, tokens banned for now, tokens a grammar does not allow next), then greedy rows take the argmax and sampled rows are scaled by temperature, cut by
 top-k and top-p (one sort for the whole batch, only when some row asks for it), then drawn with the
 exponential-race trick (`argmax(p / q)`, q ~ Exp(1)) so that one call samples the batch while a
 seeded request still draws its noise from its own `torch.Generator`. `token_logprobs` reads the
@@ -31,6 +31,9 @@ class RowParams:
     banned: tuple[int, ...] = ()  # never drawn now (e.g. EOS before min_tokens)
     prompt_ids: Sequence[int] = ()  # what the penalties look at
     output_ids: Sequence[int] = ()
+    allowed: torch.Tensor | None = (
+        None  # packed [ceil(V / 32)] int32: only tokens whose bit is set (a grammar)
+    )
 
     @property
     def adjusts(self) -> bool:
@@ -40,6 +43,7 @@ class RowParams:
             or self.presence_penalty
             or self.logit_bias
             or self.banned
+            or self.allowed is not None
         )
 
     @property
@@ -146,7 +150,17 @@ def _adjust(x: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
             x[j, ids] += torch.tensor([b for _, b in r.logit_bias], dtype=x.dtype)
         if r.banned:
             x[j, torch.tensor(r.banned)] = float("-inf")
+        if r.allowed is not None:
+            x[j].masked_fill_(~unpack_bits(r.allowed, x.shape[-1]), float("-inf"))
     return x
+
+
+_BIT = torch.arange(32, dtype=torch.int32)
+
+
+def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
+    """[W] int32 with bit t of word t // 32 standing for item t -> [n] bool."""
+    return ((words[:, None] >> _BIT) & 1).bool().reshape(-1)[:n]
 
 
 def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids unique
+    grammar: str | None = None  # the answer must follow it (`engine/grammar.py` spec: json, schema:...)
 
     @property
     def greedy(self) -> bool:

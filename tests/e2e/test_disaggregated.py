@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -140,6 +141,33 @@ def test_an_image_request_with_tools_counts_the_same_everywhere(cluster):
         model="tiny", messages=messages, max_tokens=2, **GREEDY
     )
     assert len(set(counts.values())) == 1 and counts["mono"] > bare.usage.prompt_tokens, counts
+
+
+def test_an_image_request_with_a_json_schema_answers_the_same_everywhere(cluster):
+    """Structured output on an image request: the same JSON over zmq, mooncake and monolithic, and a
+    second identical request reuses the prompt's cached blocks (image digests included) in each."""
+    schema = {
+        "type": "object",
+        "properties": {"label": {"enum": ["cat", "dog", "car"]}, "count": {"type": "integer", "maximum": 9}},
+        "required": ["label", "count"],
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "seen", "schema": schema}}
+    messages = case_messages("one_png")
+    got = {}
+    for mode in MODES:
+        c = openai_client(cluster[mode].url)
+        first, again = (
+            c.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=40, temperature=0, response_format=fmt
+            )
+            for _ in range(2)
+        )
+        got[mode] = first.choices[0].message.content
+        assert again.choices[0].message.content == got[mode], mode
+        assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16, mode
+    assert len(set(got.values())) == 1, got
+    obj = json.loads(got["mono"])
+    assert obj["label"] in ("cat", "dog", "car") and isinstance(obj["count"], int) and obj["count"] <= 9
 
 
 def test_both_encoders_take_load_and_text_needs_none(cluster):

@@ -128,11 +128,24 @@ def b64url(data: bytes) -> str:
         (chat("hi", logit_bias={"the": 5}), 400, ["token ids", "'the'"], "logit_bias"),
         (chat("hi", logit_bias={"7": 101}), 400, ["[-100, 100]"], "logit_bias"),
         (chat("hi", logit_bias={str(10**7): 1}), 400, ["logit_bias", "[0, "], "logit_bias"),
+        (chat("hi", response_format={"type": "yaml"}), 400, ["'yaml' is not one of"], "response_format"),
         (
-            chat("hi", response_format={"type": "json_object"}),
+            chat("hi", response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
             400,
-            ["'json_object' is not supported"],
+            ["json_schema.schema"],
             "response_format",
+        ),
+        (
+            chat("hi", response_format={"type": "json_schema", "json_schema": {"schema": {"type": "wat"}}}),
+            400,
+            ["response_format:"],
+            "response_format",
+        ),
+        (
+            chat("hi", min_tokens=2, response_format={"type": "json_object"}),
+            400,
+            ["cannot be combined"],
+            "min_tokens",
         ),
         (
             chat("hi", tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
@@ -173,7 +186,10 @@ def b64url(data: bytes) -> str:
         "logit-bias-key",
         "logit-bias-value",
         "logit-bias-id",
-        "json-mode",
+        "response-format-unknown",
+        "json-schema-missing",
+        "json-schema-invalid",
+        "json-with-min-tokens",
         "tool-choice-required",
     ],
 )
