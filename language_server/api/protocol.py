@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from language_server.api.tools import forced_call_spec
 from language_server.engine.grammar import schema_spec
 
 
@@ -140,16 +141,34 @@ class ChatCompletionRequest(_Sampling):
             self.grammar_spec()
         except ValueError as e:
             return "response_format", str(e)
-        if self.tool_choice == "required" or isinstance(self.tool_choice, dict):
-            return "tool_choice", (
-                "tool_choice 'required' or a named function needs constrained decoding, which this "
-                "server does not do; use 'auto' (the model decides) or 'none'"
-            )
+        forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+        if forced and not self.tools:
+            return "tool_choice", "tool_choice 'required' or a named function needs tools"
+        if forced and self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "response_format cannot be combined with a forced tool_choice"
+        if isinstance(self.tool_choice, dict):
+            name = (self.tool_choice.get("function") or {}).get("name")
+            if self.tool_choice.get("type") != "function" or not isinstance(name, str):
+                return "tool_choice", 'a named tool_choice is {"type": "function", "function": {"name": ...}}'
+            if name not in {t.function.name for t in self.tools}:
+                return "tool_choice", f"tool_choice names {name!r}, which is not among the tools"
         return None
 
+    @property
+    def grammar_param(self) -> str:
+        """The field a grammar problem is reported against."""
+        forced = self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+        return "tool_choice" if forced else "response_format"
+
     def grammar_spec(self) -> str | None:
-        """`response_format` as a grammar spec (`engine/grammar.py`): None for text; ValueError if
-        malformed."""
+        """`response_format`, or a forced `tool_choice`, as a grammar spec (`engine/grammar.py`):
+        None for free text; ValueError if malformed."""
+        tools = self.tool_dicts()
+        if tools and self.tool_choice == "required":
+            return forced_call_spec(tools)
+        if tools and isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return forced_call_spec([t for t in tools if t["function"]["name"] == name])
         rf = self.response_format or {}
         fmt = rf.get("type", "text")
         if fmt == "text":

@@ -168,24 +168,25 @@ class Serving:
             raise bad_request(refused[1], refused[0], "unsupported")
 
     async def _grammar(self, body: P.ChatCompletionRequest) -> str | None:
-        """The request's response_format as a grammar spec, compiled once here (off the event loop)
-        so that a schema the grammar engine cannot take is this request's 400."""
+        """The answer's grammar (response_format, or a forced tool_choice) as a spec, compiled once
+        here (off the event loop) so that a schema the grammar engine cannot take is this request's
+        400."""
         spec = body.grammar_spec()
         if spec is None:
             return None
+        param = body.grammar_param
         if self.grammars is None or not self.grammars.available():
             raise bad_request(
-                "structured output (response_format json_object / json_schema) needs xgrammar, "
-                "which this server does not have",
-                "response_format",
+                f"{param} needs constrained decoding (xgrammar), which this server does not have",
+                param,
                 "unsupported",
             )
         if body.min_tokens:
-            raise bad_request("min_tokens cannot be combined with response_format", "min_tokens")
+            raise bad_request(f"min_tokens cannot be combined with a constrained {param}", "min_tokens")
         try:
             await asyncio.to_thread(self.grammars.compile, spec)
         except GrammarError as e:
-            raise bad_request(f"response_format: {e}", "response_format") from None
+            raise bad_request(f"{param}: {e}", param) from None
         return spec
 
     def _check_choices(self, n: int) -> None:

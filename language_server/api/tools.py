@@ -5,13 +5,17 @@
 `tool_calls` and `tool` results into the text Qwen's models were trained on, so every path that
 renders a chat (the chat template here, an encode server's for image prompts) needs nothing more.
 `parse` splits a finished answer; `StreamParser` does it on the fly, holding back only text that
-may still open a block. A block that is not valid JSON with a name stays text.
+may still open a block. A block that is not valid JSON with a name stays text. `forced_call_spec`
+is the grammar (`engine/grammar.py`) of `tool_choice` `required` or a named function: exactly one
+block, calling one of the allowed tools with arguments that fit its parameters.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+
+from language_server.engine.grammar import tagged_spec
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _PREAMBLE = (
@@ -128,3 +132,20 @@ def _partial_open(s: str) -> int:
         if OPEN.startswith(s[-n:]):
             return n
     return 0
+
+
+def forced_call_spec(tools: list[dict]) -> str:
+    """One call of one of `tools` (OpenAI tool dicts), as a grammar spec."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "arguments": t["function"].get("parameters") or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    return tagged_spec(OPEN + "\n", calls[0] if len(calls) == 1 else {"anyOf": calls}, "\n" + CLOSE)

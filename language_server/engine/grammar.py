@@ -1,7 +1,9 @@
 """Structured output: the grammars a request's answer must follow, compiled and matched by xgrammar.
 
 A request names its grammar by a plain spec string (`SamplingParams.grammar`): `json` (any JSON
-object, the chat API's `json_object`) or `schema:<JSON Schema>` (its `json_schema`). `Grammars`
+object, the chat API's `json_object`), `schema:<JSON Schema>` (its `json_schema`) or
+`tagged:{"open", "schema", "close"}` (JSON between two fixed texts: `tool_choice` `required` or a
+named function, one tool-call block of `api/tools.py`). `Grammars`
 compiles a spec once (xgrammar caches by spec; the API compiles first, off the event loop, so a bad
 schema is a 400 before the request reaches the engine) and makes one `Matcher` per sequence: the
 runner asks it which tokens may come next (a packed bit mask: bit t of word t // 32) and tells it
@@ -54,6 +56,14 @@ class Grammars:
                 return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
             if spec.startswith("schema:"):
                 return self._compiler.compile_json_schema(spec[len("schema:") :], any_whitespace=False)
+            if spec.startswith("tagged:"):
+                t = json.loads(spec[len("tagged:") :])
+                xgr = self._xgr()
+                body = xgr.Grammar.from_json_schema(json.dumps(t["schema"]), any_whitespace=False)
+                text = lambda x: xgr.Grammar.from_ebnf(f"root ::= {json.dumps(x)}")  # noqa: E731
+                return self._compiler.compile_grammar(
+                    xgr.Grammar.concat(text(t["open"]), body, text(t["close"]))
+                )
         except RuntimeError as e:  # xgrammar reports schema errors as RuntimeError with a C++ trace
             raise GrammarError(_last_line(str(e))) from None
         raise GrammarError(f"unknown grammar spec {spec[:40]!r}")
@@ -80,6 +90,13 @@ class Matcher:
     @property
     def ended(self) -> bool:
         return self._m.is_terminated()
+
+
+def tagged_spec(open_tag: str, schema: dict, close_tag: str) -> str:
+    """JSON that fits `schema` between two fixed texts (a tool call between its tags)."""
+    return "tagged:" + json.dumps(
+        {"open": open_tag, "schema": schema, "close": close_tag}, separators=(",", ":")
+    )
 
 
 def schema_spec(schema: dict) -> str:

@@ -147,10 +147,25 @@ def b64url(data: bytes) -> str:
             ["cannot be combined"],
             "min_tokens",
         ),
+        (chat("hi", tool_choice="required"), 400, ["needs tools"], "tool_choice"),
         (
-            chat("hi", tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
+            chat(
+                "hi",
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice={"type": "function", "function": {"name": "g"}},
+            ),
             400,
-            ["constrained decoding"],
+            ["'g', which is not among the tools"],
+            "tool_choice",
+        ),
+        (
+            chat(
+                "hi",
+                tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}],
+                tool_choice="required",
+            ),
+            400,
+            ["tool_choice:", "wat"],
             "tool_choice",
         ),
     ],
@@ -190,7 +205,9 @@ def b64url(data: bytes) -> str:
         "json-schema-missing",
         "json-schema-invalid",
         "json-with-min-tokens",
-        "tool-choice-required",
+        "tool-choice-required-without-tools",
+        "tool-choice-unknown-name",
+        "tool-choice-bad-parameters",
     ],
 )
 def test_bad_requests(server, body, status, words, param):

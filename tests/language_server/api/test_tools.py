@@ -170,7 +170,71 @@ def test_the_server_renders_tools_and_tool_turns(client, tiny_model_dir):
     assert none.usage.prompt_tokens == bare.usage.prompt_tokens  # 'none': the model is not told of them
     import openai
 
-    with pytest.raises(openai.BadRequestError, match="constrained decoding"):
-        client.chat.completions.create(model="tiny", messages=user, tools=TOOLS, tool_choice="required")
     with pytest.raises(openai.BadRequestError, match="tools"):
         client.chat.completions.create(model="tiny", messages=user, tools=[{"type": "function"}])
+
+
+BOUNDED = [  # arguments the random tiny model must finish within its budget
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"enum": ["Paris", "Oslo"]},
+                    "days": {"type": "integer", "maximum": 7},
+                },
+                "required": ["city", "days"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def test_a_forced_tool_choice_always_calls_a_tool_with_fitting_arguments(client):
+    user = [{"role": "user", "content": "What is the weather?"}]
+    fits = {
+        "get_weather": lambda a: (
+            list(a) == ["city", "days"] and a["city"] in ("Paris", "Oslo") and a["days"] <= 7
+        ),
+        "get_time": lambda a: a == {"zone": "UTC"} or a == {"zone": "CET"},
+    }
+    for choice, names in (
+        ("required", {"get_weather", "get_time"}),
+        ({"type": "function", "function": {"name": "get_time"}}, {"get_time"}),
+    ):
+        r = client.chat.completions.create(
+            model="tiny", messages=user, tools=BOUNDED, tool_choice=choice, max_tokens=60, temperature=0
+        )
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and len(c.message.tool_calls) == 1, c
+        ((name, args),) = names_args([tc.model_dump() for tc in c.message.tool_calls])
+        assert name in names and fits[name](args), (name, args)
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=user,
+            tools=BOUNDED,
+            tool_choice=choice,
+            max_tokens=60,
+            temperature=0,
+            stream=True,
+        )
+        chunks = [ch for ch in stream if ch.choices]
+        deltas = [tc for ch in chunks for tc in ch.choices[0].delta.tool_calls or []]
+        assert [d.function.name for d in deltas if d.function.name] == [name]
+        assert json.loads("".join(d.function.arguments or "" for d in deltas)) == args
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
