@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -155,12 +156,13 @@ def _adjust(x: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
     return x
 
 
-_BIT = torch.arange(32, dtype=torch.int32)
-
-
 def unpack_bits(words: torch.Tensor, n: int) -> torch.Tensor:
-    """[W] int32 with bit t of word t // 32 standing for item t -> [n] bool."""
-    return ((words[:, None] >> _BIT) & 1).bool().reshape(-1)[:n]
+    """[W] int32 with bit t of word t // 32 standing for item t -> [n] bool. numpy's unpackbits on the
+    little-endian bytes: unpack + mask of one row of Qwen's vocabulary ~2 ms here, against ~50 ms
+    with a shift-and-mask in torch (both measured on the busy 2-core VM)."""
+    le = words.contiguous().numpy().astype("<i4", copy=False)  # little-endian bytes on any host
+    bits = np.unpackbits(le.view(np.uint8), bitorder="little")
+    return torch.from_numpy(bits[:n].view(np.bool_))
 
 
 def _filter(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
