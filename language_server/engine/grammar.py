@@ -3,9 +3,9 @@
 A request names its grammar by a plain spec string (`SamplingParams.grammar`): `json` (any JSON
 object, the chat API's `json_object`), `schema:<JSON Schema>` (its `json_schema`) or
 `tagged:{"open", "schema", "close"}` (JSON between two fixed texts: `tool_choice` `required` or a
-named function, one tool-call block of `api/tools.py`). `Grammars`
-compiles a spec once (xgrammar caches by spec; the API compiles first, off the event loop, so a bad
-schema is a 400 before the request reaches the engine) and makes one `Matcher` per sequence: the
+named function, one tool-call block of `api/tools.py`). `Grammars` compiles a spec once (the last
+`CACHED` specs are kept; the API compiles first, off the event loop, so a bad schema is a 400 before
+the request reaches the engine) and makes one `Matcher` per sequence: the
 runner asks it which tokens may come next (a packed bit mask: bit t of word t // 32) and tells it
 the token that came. Once the grammar is complete only a stop token is allowed, and the engine ends
 the answer when it comes (`ended`), `ignore_eos` or not. The JSON's whitespace is fixed (xgrammar's
@@ -18,8 +18,11 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import OrderedDict
 
 import torch
+
+CACHED = 256  # compiled grammars kept (a JSON Schema's is ~tens of KB)
 
 
 class GrammarError(ValueError):
@@ -31,6 +34,7 @@ class Grammars:
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
         self._compiler = None
         self._lock = threading.Lock()
+        self._compiled: OrderedDict[str, object] = OrderedDict()  # spec -> xgrammar CompiledGrammar
 
     @staticmethod
     def available() -> bool:
@@ -50,6 +54,19 @@ class Grammars:
         return xgr
 
     def compile(self, spec: str):
+        with self._lock:
+            got = self._compiled.get(spec)
+            if got is not None:
+                self._compiled.move_to_end(spec)
+                return got
+        got = self._compile(spec)
+        with self._lock:
+            self._compiled[spec] = got
+            while len(self._compiled) > CACHED:
+                self._compiled.popitem(last=False)
+        return got
+
+    def _compile(self, spec: str):
         self._xgr()
         try:
             if spec == "json":
