@@ -67,7 +67,7 @@ class Grammars:
         return got
 
     def _compile(self, spec: str):
-        self._xgr()
+        xgr = self._xgr()
         try:
             if spec == "json":
                 return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
@@ -75,7 +75,6 @@ class Grammars:
                 return self._compiler.compile_json_schema(spec[len("schema:") :], any_whitespace=False)
             if spec.startswith("tagged:"):
                 t = json.loads(spec[len("tagged:") :])
-                xgr = self._xgr()
                 body = xgr.Grammar.from_json_schema(json.dumps(t["schema"]), any_whitespace=False)
                 text = lambda x: xgr.Grammar.from_ebnf(f"root ::= {json.dumps(x)}")  # noqa: E731
                 return self._compiler.compile_grammar(

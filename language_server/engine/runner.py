@@ -165,7 +165,7 @@ class ModelRunner:
             params = [self._row_params(seq) for seq in sample_seqs]
             best, logits = self.lm.sample_logits(hidden, logit_rows(params))
             toks = sample(logits, params, best)
-            for seq, t in zip(sample_seqs, toks, strict=True):
+            for seq, t in zip(sample_seqs, toks, strict=True) if self._matchers else ():
                 m = self._matchers.get(seq.id)
                 if m is not None and not m.accept(t):  # cannot happen: the mask allowed only these
                     raise RuntimeError(f"grammar of {seq.id} refused token {t} it allowed")

@@ -139,8 +139,9 @@ class Scheduler:
                 out.finished.append(seq)
                 continue
             hit = self._cached_prefix(seq)
-            need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids) - len(hit)
-            need += self.blocks.reviving(hit)
+            need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids)
+            if hit is not None:
+                need += self.blocks.reviving(hit) - len(hit)
             if need + self.watermark_blocks > self.blocks.num_free and self.running:
                 break
             if need > self.blocks.num_free:
@@ -157,17 +158,18 @@ class Scheduler:
         return out
 
     # -- prefix caching -----------------------------------------------------------------------
-    def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """The cached blocks a sequence holding nothing yet could start from (none if it wants its
-        prompt's log-probabilities: those need every prompt row computed)."""
+    def _cached_prefix(self, seq: Sequence) -> list[int] | None:
+        """The cached blocks a sequence holding nothing yet could start from; None if it does not
+        look (no caching, blocks held, or it wants its prompt's log-probabilities: those need every
+        prompt row computed)."""
         if not self.blocks.caching or seq.block_ids or seq.params.prompt_logprobs is not None:
-            return []
+            return None
         bs = self.blocks.block_size
         most = (seq.num_tokens - 1) // bs  # the last token is computed: its row is sampled
         return self.blocks.lookup(prefix.extend_keys(seq, most, bs), most)
 
-    def _take_prefix(self, seq: Sequence, hit: list[int]) -> None:
-        if not self.blocks.caching or seq.block_ids or seq.params.prompt_logprobs is not None:
+    def _take_prefix(self, seq: Sequence, hit: list[int] | None) -> None:
+        if hit is None:
             return
         self.blocks.take(hit)
         seq.block_ids.extend(hit)
