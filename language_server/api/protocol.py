@@ -137,28 +137,33 @@ class ChatCompletionRequest(_Sampling):
         """(param, why) if the request asks for something this server does not do."""
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
-        try:
-            self.grammar_spec()
-        except ValueError as e:
-            return "response_format", str(e)
-        forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
-        if forced and not self.tools:
-            return "tool_choice", "tool_choice 'required' or a named function needs tools"
-        if forced and self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "response_format cannot be combined with a forced tool_choice"
+        if self.forced_tool_choice:
+            if not self.tools:
+                return "tool_choice", "tool_choice 'required' or a named function needs tools"
+            if self.response_format and self.response_format.get("type", "text") != "text":
+                return "response_format", "response_format cannot be combined with a forced tool_choice"
         if isinstance(self.tool_choice, dict):
-            name = (self.tool_choice.get("function") or {}).get("name")
+            fn = self.tool_choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
             if self.tool_choice.get("type") != "function" or not isinstance(name, str):
                 return "tool_choice", 'a named tool_choice is {"type": "function", "function": {"name": ...}}'
             if name not in {t.function.name for t in self.tools}:
                 return "tool_choice", f"tool_choice names {name!r}, which is not among the tools"
+        try:
+            self.grammar_spec()
+        except ValueError as e:
+            return "response_format", str(e)
         return None
+
+    @property
+    def forced_tool_choice(self) -> bool:
+        """tool_choice 'required' or a named function: the answer must be a tool call."""
+        return self.tool_choice == "required" or isinstance(self.tool_choice, dict)
 
     @property
     def grammar_param(self) -> str:
         """The field a grammar problem is reported against."""
-        forced = self.tools and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
-        return "tool_choice" if forced else "response_format"
+        return "tool_choice" if self.forced_tool_choice and self.tools else "response_format"
 
     def grammar_spec(self) -> str | None:
         """`response_format`, or a forced `tool_choice`, as a grammar spec (`engine/grammar.py`):

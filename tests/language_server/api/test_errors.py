@@ -161,6 +161,16 @@ def b64url(data: bytes) -> str:
         (
             chat(
                 "hi",
+                tools=[{"type": "function", "function": {"name": "f"}}],
+                tool_choice={"type": "function"},
+            ),
+            400,
+            ["a named tool_choice is"],
+            "tool_choice",
+        ),
+        (
+            chat(
+                "hi",
                 tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}],
                 tool_choice="required",
             ),
@@ -207,6 +217,7 @@ def b64url(data: bytes) -> str:
         "json-with-min-tokens",
         "tool-choice-required-without-tools",
         "tool-choice-unknown-name",
+        "tool-choice-named-malformed",
         "tool-choice-bad-parameters",
     ],
 )
